@@ -1,0 +1,235 @@
+"""TrainingArguments: transformers' fields, names and defaults, plus the Ray fields.
+
+It subclasses `transformers.TrainingArguments`, so every name, type and default is the same
+and `isinstance(args, transformers.TrainingArguments)` holds for existing callbacks. What we add:
+
+* Ray fields (`num_workers`, `use_gpu`, `resources_per_worker`, `strategy`, `storage_path`,
+  `storage_filesystem`, `max_failures`, `save_in_background`).
+* `validate()`: run on the driver before any Ray resource is taken; every error names the field
+  and the fix. Fields the loop does not honour raise instead of being silently ignored.
+* Older names that the transformers docs still show (`logging_dir`, `warmup_ratio`,
+  `evaluation_strategy`) are accepted and mapped onto the current fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import transformers
+
+SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad")
+STRATEGIES = ("ddp", "fsdp", "deepspeed")
+SCHEDULERS = tuple(s.value for s in transformers.SchedulerType)
+
+# Fields of transformers.TrainingArguments that the raytrainer loop does not honour, with the fix.
+# Setting one of them to a non-default value raises, never silently does nothing.
+UNSUPPORTED_FIELDS = {
+    "torch_compile": "compile the model yourself inside model_init",
+    "torch_compile_backend": "compile the model yourself inside model_init",
+    "torch_compile_mode": "compile the model yourself inside model_init",
+    "use_liger_kernel": "apply liger kernels inside model_init",
+    "optim_target_modules": "use one of the supported optimizers: " + ", ".join(SUPPORTED_OPTIMIZERS),
+    "auto_find_batch_size": "set per_device_train_batch_size explicitly",
+    "push_to_hub": "upload trainer.args.output_dir (or the storage_path) after training",
+    "fsdp": 'use strategy="fsdp" (a Ray field) instead',
+    "parallelism_config": 'use strategy="ddp" | "fsdp" | "deepspeed" instead',
+    "include_num_input_tokens_seen": "count tokens in a callback",
+    "enable_jit_checkpoint": "use save_steps checkpoints; Ray restarts failed workers from them",
+    "tf32": "set torch.backends.cuda.matmul.allow_tf32 in model_init",
+    "debug": "remove the debug option",
+}
+
+
+def _defaults_of(cls) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    # ---- older names still shown in the transformers docs ----
+    logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard log dir (older transformers name)."})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "Older name: warmup_steps as a ratio < 1."})
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "Older name of eval_strategy."})
+
+    # ---- Ray fields ----
+    num_workers: int = field(default=0, metadata={"help": "Ray Train workers; 0 runs the loop in this process."})
+    use_gpu: bool = field(default=False, metadata={"help": "One GPU per Ray worker."})
+    resources_per_worker: dict | None = field(default=None, metadata={"help": 'e.g. {"CPU": 2, "GPU": 1}'})
+    strategy: str = field(default="ddp", metadata={"help": "ddp | fsdp | deepspeed"})
+    storage_path: str | None = field(default=None, metadata={"help": "Local path or s3://bucket/prefix for checkpoints."})
+    storage_filesystem: Any = field(default=None, metadata={"help": "An explicit pyarrow.fs.FileSystem."})
+    max_failures: int = field(default=0, metadata={"help": "Worker-group restarts Ray may do; -1 for unlimited."})
+    save_in_background: bool = field(
+        default=True, metadata={"help": "Write checkpoints in a background thread after an in-memory snapshot."}
+    )
+
+    def __post_init__(self):
+        self._map_older_names()
+        self._check_names()
+        # bf16/fp16 are decided by the workers' hardware, not the driver's: hide them from the
+        # parent's device checks (it refuses bf16 on a CPU-only driver) and restore them after.
+        bf16, bf16_full_eval = self.bf16, self.bf16_full_eval
+        self.bf16 = self.bf16_full_eval = False
+        try:
+            super().__post_init__()
+        finally:
+            self.bf16, self.bf16_full_eval = bf16, bf16_full_eval
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 are both True: set at most one of them (bf16=True on CPUs and Ampere+ GPUs).")
+        self.mixed_precision = "fp16" if self.fp16 else "bf16" if self.bf16 else "no"
+        self.validate()
+
+    # ------------------------------------------------------------------ helpers
+    def _map_older_names(self) -> None:
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+            self.evaluation_strategy = None
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1); or set warmup_steps to a step count.")
+            if self.warmup_ratio > 0:
+                self.warmup_steps = self.warmup_ratio  # transformers >= 5 reads warmup_steps < 1 as a ratio
+            self.warmup_ratio = None
+
+    def _check_names(self) -> None:
+        if self.optim not in SUPPORTED_OPTIMIZERS and str(getattr(self.optim, "value", self.optim)) not in SUPPORTED_OPTIMIZERS:
+            raise ValueError(
+                f"optim={self.optim!r} is not supported; choose one of {', '.join(SUPPORTED_OPTIMIZERS)} "
+                "or pass optimizers=(optimizer, scheduler) / override create_optimizer()."
+            )
+        sched = str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type))
+        if sched not in SCHEDULERS:
+            hint = difflib.get_close_matches(sched, SCHEDULERS, n=1)
+            raise ValueError(
+                f"lr_scheduler_type={sched!r} is unknown; use one of {', '.join(SCHEDULERS)}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "TrainingArguments":
+        """Check every value the loop relies on; raise ValueError naming the field and the fix."""
+        self._check_names()
+        defaults = _defaults_of(transformers.TrainingArguments)
+        for name, fix in UNSUPPORTED_FIELDS.items():
+            value = getattr(self, name, None)
+            default = defaults.get(name)
+            if name == "debug" and value in ([], "", None):
+                continue
+            if name == "include_num_input_tokens_seen" and value in ("no", False, None):
+                continue
+            if name == "fsdp" and value in ("", [], None, False):
+                continue
+            if value != default and value not in (None, False):
+                raise ValueError(f"{name}={value!r} is not supported by raytrainer: {fix}.")
+        if self.train_sampling_strategy not in (None, "random"):
+            raise ValueError(
+                f"train_sampling_strategy={self.train_sampling_strategy!r} is not supported; use 'random' "
+                "(raytrainer's resumable sampler)."
+            )
+        _positive("per_device_train_batch_size", self.per_device_train_batch_size)
+        _positive("per_device_eval_batch_size", self.per_device_eval_batch_size)
+        _positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
+        if self.max_steps == 0 or (self.max_steps < 0 and self.max_steps != -1):
+            raise ValueError(f"max_steps={self.max_steps} must be a positive step count, or -1 to train num_train_epochs.")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 (or set max_steps > 0).")
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be >= 0.")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0.")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping).")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0 (a count, or a ratio < 1).")
+        for name in ("logging_steps", "eval_steps", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value} must be > 0.")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit={self.save_total_limit} must be >= 1, or None to keep every checkpoint.")
+        if self.eval_accumulation_steps is not None and self.eval_accumulation_steps < 1:
+            raise ValueError(f"eval_accumulation_steps={self.eval_accumulation_steps} must be >= 1 or None.")
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 are both True: set at most one of them.")
+        save = _value(self.save_strategy)
+        if save == "best" and self.metric_for_best_model is None:
+            raise ValueError(
+                'save_strategy="best" needs metric_for_best_model (e.g. "eval_loss" or a key your compute_metrics returns).'
+            )
+        if save == "best" and _value(self.eval_strategy) == "no":
+            raise ValueError('save_strategy="best" needs evaluations: set eval_strategy="steps" or "epoch".')
+        if self.load_best_model_at_end and save not in ("best",) and _value(self.eval_strategy) != save:
+            raise ValueError(
+                f"load_best_model_at_end=True needs save_strategy == eval_strategy (got save_strategy={save!r}, "
+                f"eval_strategy={_value(self.eval_strategy)!r}); or use save_strategy=\"best\"."
+            )
+        if self.eval_on_start and _value(self.eval_strategy) == "no":
+            raise ValueError('eval_on_start=True needs eval_strategy="steps" or "epoch".')
+        # ---- Ray fields ----
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers!r} must be an int >= 0 (0 = run in this process).")
+        if self.max_failures is None or self.max_failures < -1:
+            raise ValueError(f"max_failures={self.max_failures!r} must be >= 0, or -1 for unlimited restarts.")
+        if self.resources_per_worker is not None:
+            if not isinstance(self.resources_per_worker, dict) or any(
+                not isinstance(v, (int, float)) or v < 0 for v in self.resources_per_worker.values()
+            ):
+                raise ValueError(
+                    f"resources_per_worker={self.resources_per_worker!r} must be a dict of non-negative numbers, "
+                    'e.g. {"CPU": 2, "GPU": 1}.'
+                )
+        if self.strategy in ("fsdp", "deepspeed"):
+            raise ValueError(
+                f"strategy={self.strategy!r} is not available in this raytrainer build yet; use strategy='ddp'."
+            )
+        if self.strategy == "deepspeed" and not self.deepspeed:
+            raise ValueError('strategy="deepspeed" needs deepspeed= a ZeRO config dict or the path of a JSON file.')
+        if self.storage_path is not None and not isinstance(self.storage_path, str):
+            raise ValueError(f"storage_path={self.storage_path!r} must be a string: a local path or s3://bucket/prefix.")
+        if self.storage_path and "://" in self.storage_path and not self.storage_path.startswith(("s3://", "file://")) and self.storage_filesystem is None:
+            raise ValueError(
+                f"storage_path={self.storage_path!r}: only local paths and s3:// URIs are built in; pass "
+                "storage_filesystem=<pyarrow.fs.FileSystem> for other schemes."
+            )
+        return self
+
+    def __setattr__(self, name, value):
+        # transformers' dataclass accepts any attribute silently; a typo such as
+        # `args.datloader_pin_memory = True` would do nothing. Warn with the likely field.
+        if not name.startswith("_") and name not in _KNOWN_NAMES and not hasattr(type(self), name):
+            import warnings
+
+            hint = difflib.get_close_matches(name, _KNOWN_NAMES, n=1)
+            warnings.warn(
+                f"TrainingArguments has no field {name!r}; it is set but nothing reads it"
+                + (f" (did you mean {hint[0]!r}?)" if hint else ""),
+                stacklevel=2,
+            )
+        super().__setattr__(name, value)
+
+
+def _value(x):
+    return getattr(x, "value", x)
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+
+# Field names plus the attributes the parent's __post_init__ and properties set on itself.
+_KNOWN_NAMES = {f.name for f in dataclasses.fields(TrainingArguments)} | {
+    "mixed_precision", "distributed_state", "deepspeed_plugin", "hf_deepspeed_config", "fsdp_plugin_args",
+    "_n_gpu", "_setup_devices",
+}

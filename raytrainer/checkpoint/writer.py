@@ -1,0 +1,161 @@
+"""Writes a checkpoint snapshot to `tmp-checkpoint-N` and renames it to `checkpoint-N`.
+
+The loop takes a Snapshot (CPU copies of every state, taken synchronously, so training can go on
+mutating the live tensors) and hands it to the writer. With `background=True` one thread writes
+snapshots in order; the loop only blocks for the copy. `wait()` joins outstanding writes: the loop
+calls it before anything reads checkpoints (rotation, load best, resume, end of training).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+from .layout import TMP_PREFIX
+
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+SCALER = "scaler.pt"
+TRAINING_ARGS = "training_args.bin"
+TRAINER_STATE = "trainer_state.json"
+
+
+def to_cpu(tree):
+    """Deep CPU copy of every tensor in a nested structure (a snapshot the loop may keep training on)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
+
+
+@dataclass
+class Snapshot:
+    final_dir: str
+    model_state: dict | None = None           # rank 0 only; None on other ranks
+    save_model_fn: Callable[[str, dict], None] | None = None  # writes weights + config (save_pretrained)
+    optimizer_state: dict | None = None
+    scheduler_state: dict | None = None
+    scaler_state: dict | None = None
+    rng_state: dict | None = None
+    rng_file: str = "rng_state.pth"
+    trainer_state_json: str | None = None
+    training_args: Any = None
+    extra_files: dict[str, Any] = field(default_factory=dict)  # name -> picklable object (torch.save)
+    after: Callable[[str], None] | None = None  # called with final_dir once renamed (rotation, upload)
+
+
+class CheckpointWriter:
+    def __init__(self, background: bool = True):
+        self.background = background
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.blocked_s = 0.0   # time the loop spent in save() (snapshot copy + any synchronous write)
+        self.write_s = 0.0     # time spent writing files
+        self.written: list[str] = []
+
+    # ------------------------------------------------------------------ API
+    def save(self, snap: Snapshot) -> None:
+        self._raise_pending()
+        if not self.background:
+            self._write(snap)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="raytrainer-checkpoint-writer", daemon=True)
+            self._thread.start()
+        self._queue.put(snap)
+
+    def wait(self) -> None:
+        """Block until every queued checkpoint is on disk; re-raise a write error here."""
+        if self._thread is not None:
+            self._queue.join()
+        self._raise_pending()
+
+    def close(self) -> None:
+        self.wait()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    # ------------------------------------------------------------------ internals
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint failed: {err}") from err
+
+    def _run(self) -> None:
+        while True:
+            snap = self._queue.get()
+            try:
+                if snap is None:
+                    return
+                self._write(snap)
+            except BaseException as e:  # surfaced on the loop's next save() or wait()
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _write(self, snap: Snapshot) -> None:
+        t0 = time.perf_counter()
+        parent, name = os.path.split(os.path.normpath(snap.final_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f"{TMP_PREFIX}-{name.rsplit('-', 1)[-1]}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        if snap.model_state is not None:
+            if snap.save_model_fn is not None:
+                snap.save_model_fn(tmp, snap.model_state)
+            else:
+                save_file(snap.model_state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        if snap.optimizer_state is not None:
+            torch.save(snap.optimizer_state, os.path.join(tmp, OPTIMIZER))
+        if snap.scheduler_state is not None:
+            torch.save(snap.scheduler_state, os.path.join(tmp, SCHEDULER))
+        if snap.scaler_state is not None:
+            torch.save(snap.scaler_state, os.path.join(tmp, SCALER))
+        if snap.rng_state is not None:
+            torch.save(snap.rng_state, os.path.join(tmp, snap.rng_file))
+        for fname, obj in snap.extra_files.items():
+            torch.save(obj, os.path.join(tmp, fname))
+        if snap.training_args is not None:
+            torch.save(snap.training_args, os.path.join(tmp, TRAINING_ARGS))
+        if snap.trainer_state_json is not None:  # last: its presence marks a complete folder
+            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+                f.write(snap.trainer_state_json)
+        _fsync_dir(tmp)
+        if os.path.isdir(snap.final_dir):  # an older save of the same step (e.g. epoch end == save step)
+            shutil.rmtree(snap.final_dir)
+        os.replace(tmp, snap.final_dir)
+        self.write_s += time.perf_counter() - t0
+        self.written.append(snap.final_dir)
+        if snap.after is not None:
+            snap.after(snap.final_dir)
+
+
+def _fsync_dir(path: str) -> None:
+    for name in os.listdir(path):
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def state_to_json(state) -> str:
+    """TrainerState as transformers writes it (save_to_json's format)."""
+    import dataclasses
+
+    return json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,65 @@
+"""Exact, O(1)-resumable, sharded batch sampling for map-style datasets.
+
+The order of an epoch is a function of (seed, epoch) only: `torch.randperm(n)` from a generator
+seeded with `seed + epoch`, which is the order accelerate's SeedableRandomSampler gives
+transformers.Trainer. Each global batch of `batch_size * world_size` indices is cut into
+contiguous per-rank slices, so N workers see exactly the samples one worker sees with an N times
+larger batch. Resuming at batch k slices the permutation at k: nothing before it is iterated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import Sampler
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    if not shuffle:
+        return torch.arange(n)
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Yields this rank's index batches for one epoch, starting at `start_batch`."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, drop_last: bool = False):
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        """Batches per epoch: the same on every rank, so no rank waits on a collective alone."""
+        if self.drop_last:
+            return self.num_samples // self.global_batch_size
+        return math.ceil(self.num_samples / self.global_batch_size)
+
+    def __iter__(self):
+        order = epoch_permutation(self.num_samples, self.seed, self.epoch, self.shuffle)
+        g = self.global_batch_size
+        for b in range(self.start_batch, len(self)):
+            chunk = order[b * g:(b + 1) * g]
+            if len(chunk) < self.world_size:
+                # fewer samples than ranks: wrap around so every rank gets one (DistributedSampler's padding)
+                chunk = torch.cat([chunk, order[: self.world_size - len(chunk)]])
+            # a short last batch is split as evenly as possible; the loss is normalised by the global
+            # item count, so uneven slices still give the one-worker gradient
+            yield chunk.tensor_split(self.world_size)[self.rank].tolist()

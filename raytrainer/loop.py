@@ -1,0 +1,221 @@
+"""The per-worker training loop.
+
+`TrainingLoop(trainer).run(...)` is what every Ray Train worker runs, and what `Trainer.train()` runs
+in-process with world size 1. It follows transformers' `_inner_training_loop` step for step (same
+callback events, same loss normalisation, same logged values, see events.py) and differs where
+transformers is slow or inexact:
+
+* data: a sampler whose order is a function of (seed, epoch); resume slices the order, it does not
+  iterate skipped batches;
+* the strategy object owns wrapping, backward, no_sync, clipping and the optimizer step;
+* checkpoints are snapshotted in memory and written atomically in the background (checkpoint/).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from transformers.trainer_utils import seed_worker
+
+from .data import ResumableBatchSampler
+from .strategies import build_strategy
+
+
+def world_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_map_style(dataset) -> bool:
+    return not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "__len__") \
+        and hasattr(dataset, "__getitem__")
+
+
+class TrainingLoop:
+    def __init__(self, trainer):
+        self.t = trainer
+        self.args = trainer.args
+        self.rank, self.world_size = world_info()
+
+    # ------------------------------------------------------------------ data
+    def build_train_dataloader(self):
+        """Map-style data: our resumable sharded sampler. Anything else: transformers' dataloader."""
+        t, args = self.t, self.args
+        dataset = t.train_dataset
+        if dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        if not is_map_style(dataset):
+            return t.get_train_dataloader(), None
+        collator = t.data_collator
+        try:
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = t._remove_unused_columns(dataset, description="training")
+            else:
+                collator = t._get_collator_with_removed_columns(collator, description="training")
+        except ImportError:
+            collator = t._get_collator_with_removed_columns(collator, description="training")
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        sampler = ResumableBatchSampler(
+            len(dataset), t._train_batch_size, seed, rank=self.rank, world_size=self.world_size,
+            drop_last=args.dataloader_drop_last,
+        )
+        params = dict(
+            batch_sampler=sampler,
+            collate_fn=collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
+            persistent_workers=args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            worker_init_fn=lambda wid: seed_worker(wid, args.dataloader_num_workers, self.rank),
+        )
+        if args.dataloader_num_workers == 0:
+            params.pop("prefetch_factor")
+            params.pop("worker_init_fn")
+        return DataLoader(dataset, **params), sampler
+
+    # ------------------------------------------------------------------ run
+    def run(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        t, args = self.t, self.args
+        t.accelerator.free_memory()
+        train_dataloader, sampler = self.build_train_dataloader()
+        (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples,
+         total_train_batch_size, steps_in_epoch, max_steps) = t.set_initial_training_values(args, train_dataloader)
+        epochs_trained, steps_trained_in_current_epoch = t._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+
+        # --- model, optimizer, scheduler, under the strategy ---
+        device = args.device
+        strategy = build_strategy(args, device)
+        t._strategy = strategy
+        if t._created_lr_scheduler:
+            t.lr_scheduler = None
+            t._created_lr_scheduler = False
+        t.model.to(device)
+        t.create_optimizer()
+        model = strategy.setup_model(t.model)
+        t.create_scheduler(num_training_steps=max_steps, optimizer=t.optimizer)
+        t.model_wrapped = model
+        if resume_from_checkpoint is not None:
+            t._load_optimizer_and_scheduler(resume_from_checkpoint)
+            scaler_file = os.path.join(resume_from_checkpoint, "scaler.pt")
+            if os.path.isfile(scaler_file):
+                strategy.load_scaler_state(torch.load(scaler_file, weights_only=True))
+        for attr in ("model", "optimizer", "lr_scheduler"):
+            setattr(t.callback_handler, attr, getattr(t, attr))
+        t.callback_handler.train_dataloader = train_dataloader
+
+        start_time = time.time()
+        t._initial_num_input_tokens_seen = t.state.num_input_tokens_seen
+        t._initial_global_step = t.state.global_step
+        t._tr_loss = torch.tensor(0.0, device=device)
+        t._total_loss_scalar = 0.0
+        t._globalstep_last_logged = t.state.global_step
+        model.zero_grad(set_to_none=True)
+        t.control = t.callback_handler.on_train_begin(args, t.state, t.control)
+        if args.eval_on_start:
+            t._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
+
+        for epoch in range(epochs_trained, num_train_epochs):
+            t.control = t.callback_handler.on_epoch_begin(args, t.state, t.control)
+            resuming_here = epoch == epochs_trained and resume_from_checkpoint is not None
+            skip = steps_trained_in_current_epoch if resuming_here and not args.ignore_data_skip else 0
+            self.run_epoch(model, strategy, epoch, train_dataloader, sampler, steps_in_epoch,
+                           num_update_steps_per_epoch, skip, resume_from_checkpoint if resuming_here else None,
+                           trial, ignore_keys_for_eval, start_time)
+            if t.control.should_training_stop:
+                break
+
+        t._checkpoint_writer.wait()  # best-model loading and rotation read finished checkpoints
+        t._after_training(model)
+        return t._finalize_training(trial, num_train_samples, start_time)
+
+    # ------------------------------------------------------------------ one epoch
+    def run_epoch(self, model, strategy, epoch, dataloader, sampler, steps_in_epoch, updates_per_epoch,
+                  skip_batches, resume_dir, trial, ignore_keys_for_eval, start_time):
+        t, args = self.t, self.args
+        ga = args.gradient_accumulation_steps
+        step = -1
+        grad_norm = None
+        learning_rate = None
+        first_update = 0
+        if resume_dir is not None and skip_batches == 0:
+            # saved at an epoch end: that RNG state is from before this epoch's iterator was made
+            t._load_rng_state(resume_dir)
+        if sampler is not None:
+            # O(1) resume: the sampler starts at the saved batch; nothing before it is produced
+            sampler.set_epoch(epoch, skip_batches)
+            epoch_iterator = iter(dataloader)
+        else:
+            if hasattr(dataloader, "set_epoch"):
+                dataloader.set_epoch(epoch)
+            epoch_iterator = iter(dataloader)
+            for _ in range(skip_batches):  # streams cannot seek: consume (issue "Ray Train" replaces this)
+                next(epoch_iterator, None)
+        if resume_dir is not None and skip_batches > 0:
+            step = skip_batches - 1
+            first_update = skip_batches // ga
+            # saved mid-epoch: the uninterrupted run had made its iterator before that state
+            t._load_rng_state(resume_dir)
+
+        remainder = steps_in_epoch % ga or ga
+        for update_step in range(first_update, updates_per_epoch):
+            num_batches = ga if update_step != updates_per_epoch - 1 else remainder
+            batch_samples, num_items_in_batch = t.get_batch_samples(epoch_iterator, num_batches, args.device)
+            t.current_gradient_accumulation_steps = len(batch_samples)
+            for i, inputs in enumerate(batch_samples):
+                step += 1
+                do_sync_step = (step + 1) % ga == 0 or (step + 1) == steps_in_epoch
+                if step % ga == 0:
+                    t.control = t.callback_handler.on_step_begin(args, t.state, t.control)
+                if i == len(batch_samples) - 1:
+                    tr_loss_step = t._call_training_step(model, inputs, num_items_in_batch)
+                else:
+                    with strategy.no_sync(model):
+                        tr_loss_step = t._call_training_step(model, inputs, num_items_in_batch)
+                if args.logging_nan_inf_filter and not torch.isfinite(tr_loss_step):
+                    t._tr_loss += t._tr_loss / (1 + t.state.global_step - t._globalstep_last_logged)
+                else:
+                    t._tr_loss += tr_loss_step
+                t.current_flos += t._cheap_flos(inputs)
+
+                if do_sync_step:
+                    grad_norm = None
+                    if args.max_grad_norm is not None and args.max_grad_norm > 0:
+                        grad_norm = strategy.clip_grad_norm(model, t.optimizer, args.max_grad_norm)
+                    t.control = t.callback_handler.on_pre_optimizer_step(args, t.state, t.control)
+                    stepped = strategy.optimizer_step(t.optimizer)
+                    t.control = t.callback_handler.on_optimizer_step(args, t.state, t.control)
+                    learning_rate = t._get_learning_rate()
+                    if stepped and not isinstance(t.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) \
+                            and type(t.lr_scheduler).__name__ != "GreedyLR":
+                        t.lr_scheduler.step()
+                    model.zero_grad(set_to_none=True)
+                    t.state.global_step += 1
+                    t.state.epoch = epoch + (step + 1) / steps_in_epoch
+                    t.control = t.callback_handler.on_step_end(args, t.state, t.control)
+                    t._maybe_log_save_evaluate(t._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval,
+                                               start_time, learning_rate=learning_rate)
+                else:
+                    t.control = t.callback_handler.on_substep_end(args, t.state, t.control)
+                if t.control.should_epoch_stop or t.control.should_training_stop:
+                    break
+            if t.control.should_epoch_stop or t.control.should_training_stop:
+                break
+
+        if step < 0:
+            print(f"raytrainer: no sample in the epoch iterator; stopping at step {t.state.global_step}",
+                  file=sys.stderr)
+            t.control.should_training_stop = True
+        t.control = t.callback_handler.on_epoch_end(args, t.state, t.control)
+        t._maybe_log_save_evaluate(t._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval,
+                                   start_time, learning_rate=learning_rate)
+
