@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from transformers.trainer_utils import seed_worker
 
 from .data import ResumableBatchSampler
+from .data.ray_data import RayShard, RayShardLoader
 from .strategies import build_strategy
 
 
@@ -45,11 +46,20 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ data
     def build_train_dataloader(self):
-        """Map-style data: our resumable sharded sampler. Anything else: transformers' dataloader."""
+        """Return (dataloader, positioner): the positioner's set_epoch(epoch, start_batch) places each epoch.
+
+        Map-style data: our resumable sharded sampler. Ray Data: this worker's shard. Anything else:
+        transformers' dataloader (positioner None: skipped batches are consumed).
+        """
         t, args = self.t, self.args
         dataset = t.train_dataset
         if dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
+        if isinstance(dataset, RayShard):
+            t._set_signature_columns_if_needed()
+            columns = None if not args.remove_unused_columns else set(t._signature_columns)
+            loader = RayShardLoader(dataset, t._train_batch_size, columns, drop_last=args.dataloader_drop_last)
+            return loader, loader
         if not is_map_style(dataset):
             return t.get_train_dataloader(), None
         collator = t.data_collator
@@ -135,7 +145,6 @@ class TrainingLoop:
                 break
 
         t._checkpoint_writer.wait()  # best-model loading and rotation read finished checkpoints
-        t._after_training(model)
         return t._finalize_training(trial, num_train_samples, start_time)
 
     # ------------------------------------------------------------------ one epoch

@@ -19,6 +19,8 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import shutil
+import tempfile
 
 import torch
 import transformers
@@ -65,6 +67,8 @@ class Trainer(transformers.Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         self._in_worker = False
+        self._ray = None  # a ray_run.WorkerRun inside a Ray worker
+        self._resume_requested_latest = False
         self._strategy = None
         self._checkpoint_writer = CheckpointWriter(background=args.save_in_background)
         self._flops_per_token = None
@@ -82,11 +86,14 @@ class Trainer(transformers.Trainer):
         if kwargs:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
         self.args.validate()
-        resume = self._resolve_resume(resume_from_checkpoint)
         if self.args.num_workers > 0 and not self._in_worker:
             from .ray_run import run_on_ray
 
+            # True means "the latest checkpoint in the run's storage", found by run_on_ray
+            self._resume_requested_latest = resume_from_checkpoint is True
+            resume = None if resume_from_checkpoint is True else self._resolve_resume(resume_from_checkpoint)
             return run_on_ray(self, resume, trial, ignore_keys_for_eval)
+        resume = self._resolve_resume(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
     def _resolve_resume(self, resume_from_checkpoint):
@@ -107,9 +114,6 @@ class Trainer(transformers.Trainer):
     def _inner_training_loop(self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None,
                              ignore_keys_for_eval=None):
         return TrainingLoop(self).run(resume_from_checkpoint, trial, ignore_keys_for_eval)
-
-    def _after_training(self, model) -> None:
-        """Hook for the Ray worker to hand results back; nothing to do in-process."""
 
     # ------------------------------------------------------------------ the step
     def _call_training_step(self, model, inputs, num_items_in_batch):
@@ -150,6 +154,23 @@ class Trainer(transformers.Trainer):
             loss.backward()
         return loss.detach()
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # transformers' prediction_step calls compute_loss(..., num_items_in_batch=...), which a
+        # subclass with the older `compute_loss(self, model, inputs, return_outputs=False)` rejects
+        # (TypeError in evaluate()). For such overrides, hide that keyword for this call only.
+        if _accepts(self.compute_loss, "num_items_in_batch"):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        older = self.compute_loss
+
+        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            return older(model, inputs, return_outputs=return_outputs)
+
+        self.compute_loss = compute_loss
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            del self.compute_loss  # back to the class's method
+
     def autocast_smart_context_manager(self, cache_enabled=True):
         # transformers autocasts through accelerate's prepared model; our model is not prepared by it
         if self.args.bf16 or self.args.fp16:
@@ -169,15 +190,22 @@ class Trainer(transformers.Trainer):
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
         """Snapshot every state now; write `checkpoint-<step>/` atomically (in the background by default)."""
-        run_dir = self._get_output_dir(trial=trial)
-        final_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self._ray is not None:  # staged locally, persisted by Ray into <storage>/<run>/checkpoint-N
+            run_dir = tempfile.mkdtemp(prefix="raytrainer-ckpt-")
+        else:
+            run_dir = self._get_output_dir(trial=trial)
+        final_dir = os.path.join(run_dir, name)
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) \
                 and self.state.best_global_step:
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if best == final_dir or os.path.exists(best) or best in self._pending_dirs():
-                self.state.best_model_checkpoint = best
+            if self._ray is not None:
+                self.state.best_model_checkpoint = self._ray.checkpoint_path(self.state.best_global_step)
+            else:
+                best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+                if best == final_dir or os.path.exists(best) or best in self._pending_dirs():
+                    self.state.best_model_checkpoint = best
         rank, world = world_info()
         for cb in [c for c in self.callback_handler.callbacks + [self.control]
                    if isinstance(c, transformers.trainer_callback.ExportableState)]:
@@ -199,9 +227,21 @@ class Trainer(transformers.Trainer):
                 snap.scheduler_state = self.lr_scheduler.state_dict()
                 snap.scaler_state = self._strategy.scaler_state() if self._strategy else None
             snap.rng_state = _rng_state()
+        if self._ray is not None:
+            # every rank reports the same number of times (Ray's report is a barrier), right after writing
+            self._checkpoint_writer.background = False
+            self._checkpoint_writer.save(snap)
+            self._ray.report(final_dir, {"step": self.state.global_step, **(self._last_metrics or {})})
+            return
         snap.after = lambda d: self._after_checkpoint_written(d, run_dir)
         self._pending.append(final_dir)
         self._checkpoint_writer.save(snap)
+
+    _last_metrics: dict | None = None
+
+    def log(self, logs, start_time=None):
+        self._last_metrics = dict(logs)
+        return super().log(logs, start_time)
 
     def _pending_dirs(self):
         return set(self._pending)
@@ -236,7 +276,18 @@ class Trainer(transformers.Trainer):
 
     def _load_best_model(self):
         self._checkpoint_writer.wait()
-        return super()._load_best_model()
+        if self._ray is None:
+            return super()._load_best_model()
+        rank, _ = world_info()
+        if rank != 0:  # only rank 0's weights leave the worker group
+            return None
+        in_storage = self.state.best_model_checkpoint
+        self.state.best_model_checkpoint = self._ray.fetch(in_storage)
+        try:
+            return super()._load_best_model()
+        finally:
+            shutil.rmtree(os.path.dirname(self.state.best_model_checkpoint), ignore_errors=True)
+            self.state.best_model_checkpoint = in_storage
 
 
 def _rng_state() -> dict:

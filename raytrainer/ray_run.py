@@ -1,0 +1,342 @@
+"""A Ray Train run: driver side (preflight, RunSpec, TorchTrainer, results) and worker entry.
+
+Driver                                         Worker (every rank, `worker_main`)
+------                                         ----------------------------------
+validate args, storage, data, capacity         rebuild the Trainer from the RunSpec
+build one picklable RunSpec                    resume: Ray's latest checkpoint after a restart,
+TorchTrainer(worker_main, RunSpec).fit()         else the RunSpec's resume path
+download final_model/, load weights + state    run loop.py; each save -> ray.train.report(checkpoint)
+                                               rank 0 uploads final_model/ to the run folder
+
+The persisted run folder is `<storage_path>/<name>`; with no storage_path it is `output_dir`
+itself, so checkpoints land where transformers puts them: `output_dir/checkpoint-<step>/`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import storage
+from .checkpoint.layout import TRAINER_STATE, checkpoint_step
+
+FINAL_MODEL = "final_model"
+
+
+@dataclass
+class RunSpec:
+    """Everything that crosses from the driver to the workers (pickled once by Ray)."""
+
+    trainer_cls: type
+    init_kwargs: dict
+    resume: str | None           # a checkpoint folder: local path, or a path inside the storage filesystem
+    resume_in_storage: bool
+    storage_path: str
+    storage_filesystem: Any
+    run_dir: str                 # the run folder inside the storage filesystem
+    name: str
+    threads_per_worker: int
+    dataset_rows: dict           # Ray Data datasets: rows per dataset (counted once on the driver)
+
+
+# ====================================================================== driver
+def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    args = trainer.args
+    storage_path, name = storage_location(args)
+    fs, base = storage.resolve_storage(storage_path, args.storage_filesystem)
+    run_dir = storage.join_path(base, name)
+    storage.preflight_storage(storage_path, args.storage_filesystem)
+    datasets = {k: v for k, v in (("train", trainer.train_dataset),) if _is_ray_dataset(v)}
+    check_dataset_columns(trainer)
+    resume_in_storage = False
+    if resume is None and trainer._resume_requested_latest:
+        resume = latest_checkpoint_in(fs, run_dir)
+        if resume is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True: no complete checkpoint under {storage_path}/{name}; "
+                "train without resuming first, or pass a checkpoint path."
+            )
+        resume_in_storage = True
+
+    init_kwargs = dict(trainer._init_kwargs)
+    if datasets:
+        init_kwargs["train_dataset"] = None
+    if init_kwargs.get("optimizers", (None, None)) != (None, None):
+        raise ValueError(
+            "optimizers=(optimizer, scheduler) holds objects bound to the driver's model and cannot move to Ray "
+            "workers; pass optimizer_cls_and_kwargs=(torch.optim.AdamW, {...}) or override create_optimizer()."
+        )
+    if trainer.model_init is not None:
+        init_kwargs["model"] = None  # each worker calls model_init itself
+    else:
+        init_kwargs["model"] = trainer.model  # shipped once through Ray's object store
+    check_picklable(init_kwargs)
+
+    _ensure_ray()
+    cpus = (args.resources_per_worker or {}).get("CPU", 1)
+    check_capacity(args, cpus)
+    rows = {k: v.count() for k, v in datasets.items()}
+    spec = RunSpec(
+        trainer_cls=type(trainer), init_kwargs=init_kwargs, resume=resume, resume_in_storage=resume_in_storage,
+        storage_path=storage_path, storage_filesystem=args.storage_filesystem, run_dir=run_dir, name=name,
+        threads_per_worker=max(1, int(cpus)), dataset_rows=rows,
+    )
+    keep = args.save_total_limit
+    if keep is not None and args.load_best_model_at_end:
+        keep += 1  # the best is kept on top of the latest ones, as transformers does
+    torch_trainer = TorchTrainer(
+        worker_main,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(
+            num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=args.resources_per_worker
+        ),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=args.storage_filesystem,
+            failure_config=FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+        ),
+        datasets=datasets or None,
+    )
+    try:
+        torch_trainer.fit()
+    except Exception as e:  # noqa: BLE001 - re-raised as the worker's own exception
+        raise original_exception(e) from None
+    return load_results(trainer, fs, run_dir)
+
+
+def storage_location(args) -> tuple[str, str]:
+    """(storage_path, run name); with no storage_path the run folder is output_dir itself."""
+    if args.storage_path:
+        name = args.run_name or os.path.basename(os.path.normpath(args.output_dir))
+        return args.storage_path.rstrip("/"), name
+    out = os.path.abspath(args.output_dir)
+    return os.path.dirname(out), os.path.basename(out)
+
+
+def latest_checkpoint_in(fs, run_dir: str) -> str | None:
+    steps = []
+    for name in storage.list_dirs(fs, run_dir):
+        path = f"{run_dir}/{name}"
+        step = checkpoint_step(name)
+        if step is not None and fs.get_file_info(f"{path}/{TRAINER_STATE}").type.name == "File":
+            steps.append((step, path))
+    return max(steps)[1] if steps else None
+
+
+def _ensure_ray():
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (or an earlier ray.init) connects to a cluster; otherwise a local one starts
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, include_dashboard=False)
+
+
+def check_capacity(args, cpus_per_worker) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = args.num_workers * cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise ValueError(
+            f"num_workers={args.num_workers} x {cpus_per_worker} CPU each needs {need_cpu} CPUs but the Ray cluster "
+            f"has {total.get('CPU', 0):g}: lower num_workers or resources_per_worker, or add nodes."
+        )
+    if args.use_gpu and args.num_workers > total.get("GPU", 0):
+        raise ValueError(
+            f"use_gpu=True with num_workers={args.num_workers} needs {args.num_workers} GPUs but the cluster has "
+            f"{total.get('GPU', 0):g}: lower num_workers or set use_gpu=False."
+        )
+
+
+def check_picklable(kwargs: dict) -> None:
+    import ray.cloudpickle as cloudpickle
+
+    for key, value in kwargs.items():
+        try:
+            cloudpickle.dumps(value)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(
+                f"Trainer argument {key!r} cannot be sent to Ray workers ({type(e).__name__}: {e}). Pass a factory "
+                "instead (model_init=..., a dataset built from files, a module-level function), or create the "
+                "object inside the function."
+            ) from e
+
+
+def check_dataset_columns(trainer) -> None:
+    """A dataset whose rows lack every input the model's forward takes fails on the driver, not on a worker."""
+    import inspect
+
+    model = trainer.model
+    dataset = trainer.train_dataset
+    if model is None or dataset is None:
+        return
+    params = set(inspect.signature(model.forward).parameters) - {"self", "kwargs"}
+    columns = None
+    if _is_ray_dataset(dataset):
+        columns = set(dataset.schema().names)
+    elif hasattr(dataset, "column_names"):
+        columns = set(dataset.column_names)
+    elif hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset) > 0:
+        first = dataset[0]
+        if isinstance(first, dict):
+            columns = set(first)
+    if columns is None or trainer.data_collator is not None and not _is_default_collator(trainer.data_collator):
+        return
+    label_like = {"label", "labels", "label_ids"}
+    if params and not (columns & (params | label_like)):
+        raise ValueError(
+            f"train_dataset columns {sorted(columns)} contain none of the inputs {type(model).__name__}.forward "
+            f"accepts ({', '.join(sorted(params)[:8])}, ...): tokenize the dataset or pass a data_collator."
+        )
+
+
+def _is_default_collator(collator) -> bool:
+    from transformers.data.data_collator import DataCollatorWithPadding, default_data_collator
+
+    return collator is default_data_collator or isinstance(collator, DataCollatorWithPadding)
+
+
+def _is_ray_dataset(obj) -> bool:
+    try:
+        import ray.data
+
+        return isinstance(obj, ray.data.Dataset)
+    except ImportError:
+        return False
+
+
+def original_exception(error: BaseException) -> BaseException:
+    """The worker's own exception (same type and message), carrying the worker's traceback text."""
+    failures = getattr(error, "worker_failures", None)
+    if not failures:
+        return error
+    rank, failure = sorted(failures.items())[0]
+    cause = failure
+    for _ in range(5):  # RayTaskError(...) wraps the user's exception
+        inner = getattr(cause, "cause", None)
+        if inner is None or inner is cause:
+            break
+        cause = inner
+    text = "".join(traceback.format_exception(type(failure), failure, failure.__traceback__))
+    try:
+        cause.add_note(f"raised on Ray worker rank {rank}; worker traceback:\n{text}")
+    except AttributeError:
+        pass
+    return cause
+
+
+def load_results(trainer, fs, run_dir):
+    """Make the driver's Trainer look as it does after transformers' train()."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    local = tempfile.mkdtemp(prefix="raytrainer-final-")
+    try:
+        storage.download_dir(fs, f"{run_dir}/{FINAL_MODEL}", local)
+        trainer.state = TrainerState.load_from_json(os.path.join(local, TRAINER_STATE))
+        _load_weights(trainer.model, local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    trainer.model_wrapped = trainer.model
+    last = trainer.state.log_history[-1] if trainer.state.log_history else {}
+    metrics = {k: v for k, v in last.items() if k.startswith("train_") or k in ("total_flos", "epoch")}
+    return TrainOutput(trainer.state.global_step, last.get("train_loss", 0.0), metrics)
+
+
+def _load_weights(model, folder):
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # tied weights (e.g. GPT-2's lm_head) are saved once by save_pretrained
+    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", None) or ()]
+    if unexpected:
+        raise RuntimeError(f"final model from the workers has unexpected keys: {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+# ====================================================================== worker
+def worker_main(config):
+    import ray.train
+    import torch.distributed as dist
+
+    spec: RunSpec = config["spec"]
+    torch.set_num_threads(spec.threads_per_worker)  # Ray sets OMP_NUM_THREADS; give torch what we were allotted
+    args = copy.copy(spec.init_kwargs["args"])
+    # the driver's cached device / accelerate state describe the driver, not this worker
+    args.__dict__.pop("_setup_devices", None)
+    args.distributed_state = None
+    if not (args.use_gpu and torch.cuda.is_available()):
+        args.use_cpu = True  # accelerate reports MULTI_CPU (and gathers) only when told it is on CPU
+    args.device  # re-detect: accelerate sees the process group Ray made
+    kwargs = dict(spec.init_kwargs, args=args)
+    if "train" in spec.dataset_rows:
+        from .data.ray_data import RayShard
+
+        kwargs["train_dataset"] = RayShard("train", spec.dataset_rows["train"], dist.get_world_size())
+    trainer = spec.trainer_cls(**kwargs)
+    trainer._in_worker = True
+    trainer._ray = WorkerRun(spec)
+
+    resume = None
+    restored = ray.train.get_checkpoint()  # set after Ray restarted the worker group
+    if restored is not None:
+        resume = restored.to_directory(tempfile.mkdtemp(prefix="raytrainer-restore-"))
+    elif spec.resume is not None:
+        resume = _fetch_checkpoint(spec, spec.resume) if spec.resume_in_storage else spec.resume
+    trainer.train(resume_from_checkpoint=resume)
+
+    rank = dist.get_rank()
+    if rank == 0:
+        final = os.path.join(tempfile.mkdtemp(prefix="raytrainer-final-"), FINAL_MODEL)
+        trainer.save_model(final)
+        trainer.state.save_to_json(os.path.join(final, TRAINER_STATE))
+        fs, _ = storage.resolve_storage(spec.storage_path, spec.storage_filesystem)
+        fs.create_dir(f"{spec.run_dir}/{FINAL_MODEL}", recursive=True)
+        storage.upload_dir(final, fs, f"{spec.run_dir}/{FINAL_MODEL}")
+        shutil.rmtree(os.path.dirname(final), ignore_errors=True)
+    dist.barrier()
+
+
+def _fetch_checkpoint(spec: RunSpec, path_in_storage: str) -> str:
+    fs, _ = storage.resolve_storage(spec.storage_path, spec.storage_filesystem)
+    local = os.path.join(tempfile.mkdtemp(prefix="raytrainer-resume-"), os.path.basename(path_in_storage))
+    storage.download_dir(fs, path_in_storage, local)
+    return local
+
+
+class WorkerRun:
+    """What a Trainer inside a Ray worker does differently: where checkpoints go and how."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+
+    def checkpoint_path(self, step: int) -> str:
+        """The persisted folder of checkpoint-<step> inside the storage filesystem."""
+        return f"{self.spec.run_dir}/checkpoint-{step}"
+
+    def report(self, local_dir: str, metrics: dict) -> None:
+        import ray.train
+
+        name = os.path.basename(local_dir)
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_dir), checkpoint_dir_name=name)
+        shutil.rmtree(os.path.dirname(local_dir), ignore_errors=True)
+
+    def fetch(self, path_in_storage: str) -> str:
+        return _fetch_checkpoint(self.spec, path_in_storage)
+
+
+__all__ = ["RunSpec", "run_on_ray", "worker_main", "storage_location"]
