@@ -98,6 +98,8 @@ class TrainingLoop:
         train_dataloader, sampler = self.build_train_dataloader()
         (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples,
          total_train_batch_size, steps_in_epoch, max_steps) = t.set_initial_training_values(args, train_dataloader)
+        if resume_from_checkpoint is not None:
+            t._check_resume_batch(resume_from_checkpoint)
         epochs_trained, steps_trained_in_current_epoch = t._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )

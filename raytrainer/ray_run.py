@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import shutil
 import tempfile
 import traceback
@@ -38,8 +39,7 @@ class RunSpec:
     init_kwargs: dict
     resume: str | None           # a checkpoint folder: local path, or a path inside the storage filesystem
     resume_in_storage: bool
-    storage_path: str
-    storage_filesystem: Any
+    storage_filesystem: Any      # a pyarrow.fs.FileSystem
     run_dir: str                 # the run folder inside the storage filesystem
     name: str
     threads_per_worker: int
@@ -54,12 +54,17 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
 
     args = trainer.args
     storage_path, name = storage_location(args)
+    storage.preflight_storage(storage_path, args.storage_filesystem)
+    # Resolved once here: the filesystem object (credentials included) travels to Ray's controller and
+    # workers, whose environments may lack the driver's AWS_* variables.
     fs, base = storage.resolve_storage(storage_path, args.storage_filesystem)
     run_dir = storage.join_path(base, name)
-    storage.preflight_storage(storage_path, args.storage_filesystem)
     datasets = {k: v for k, v in (("train", trainer.train_dataset),) if _is_ray_dataset(v)}
     check_dataset_columns(trainer)
     resume_in_storage = False
+    if isinstance(resume, str) and "://" in resume:  # e.g. s3://bucket/run/checkpoint-8
+        _, resume = storage.resolve_storage(resume, args.storage_filesystem)
+        resume_in_storage = True
     if resume is None and trainer._resume_requested_latest:
         resume = latest_checkpoint_in(fs, run_dir)
         if resume is None:
@@ -89,7 +94,7 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
     rows = {k: v.count() for k, v in datasets.items()}
     spec = RunSpec(
         trainer_cls=type(trainer), init_kwargs=init_kwargs, resume=resume, resume_in_storage=resume_in_storage,
-        storage_path=storage_path, storage_filesystem=args.storage_filesystem, run_dir=run_dir, name=name,
+        storage_filesystem=fs, run_dir=run_dir, name=name,
         threads_per_worker=max(1, int(cpus)), dataset_rows=rows,
     )
     keep = args.save_total_limit
@@ -102,7 +107,7 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
             num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=args.resources_per_worker
         ),
         run_config=RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=args.storage_filesystem,
+            name=name, storage_path=base, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=args.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep),
         ),
@@ -134,12 +139,22 @@ def latest_checkpoint_in(fs, run_dir: str) -> str | None:
     return max(steps)[1] if steps else None
 
 
-def _ensure_ray():
+def _ensure_ray(**init_kwargs):
     import ray
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (or an earlier ray.init) connects to a cluster; otherwise a local one starts
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, include_dashboard=False)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address is None:
+        # A local cluster: its workers import what this process imports (scripts, tests, notebooks'
+        # folders), so callbacks and Trainer subclasses defined there unpickle on the workers.
+        paths = [p for p in sys.path if p and os.path.isdir(p)]
+        init_kwargs.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}})
+        init_kwargs.setdefault("include_dashboard", False)
+    ray.init(address=address, **init_kwargs)
+
+
+ensure_ray = _ensure_ray
 
 
 def check_capacity(args, cpus_per_worker) -> None:
@@ -303,7 +318,7 @@ def worker_main(config):
         final = os.path.join(tempfile.mkdtemp(prefix="raytrainer-final-"), FINAL_MODEL)
         trainer.save_model(final)
         trainer.state.save_to_json(os.path.join(final, TRAINER_STATE))
-        fs, _ = storage.resolve_storage(spec.storage_path, spec.storage_filesystem)
+        fs = spec.storage_filesystem
         fs.create_dir(f"{spec.run_dir}/{FINAL_MODEL}", recursive=True)
         storage.upload_dir(final, fs, f"{spec.run_dir}/{FINAL_MODEL}")
         shutil.rmtree(os.path.dirname(final), ignore_errors=True)
@@ -311,7 +326,7 @@ def worker_main(config):
 
 
 def _fetch_checkpoint(spec: RunSpec, path_in_storage: str) -> str:
-    fs, _ = storage.resolve_storage(spec.storage_path, spec.storage_filesystem)
+    fs = spec.storage_filesystem
     local = os.path.join(tempfile.mkdtemp(prefix="raytrainer-resume-"), os.path.basename(path_in_storage))
     storage.download_dir(fs, path_in_storage, local)
     return local

@@ -31,6 +31,8 @@ from .checkpoint import CheckpointWriter, Snapshot, latest_checkpoint
 from .checkpoint.writer import state_to_json, to_cpu
 from .loop import TrainingLoop, world_info
 
+RUN_META = "raytrainer_run.pt"  # world size and global batch of the run that wrote a checkpoint
+
 
 def coerce_args(args) -> TrainingArguments:
     """Accept raytrainer's, transformers' or no TrainingArguments; return raytrainer's."""
@@ -73,13 +75,17 @@ class Trainer(transformers.Trainer):
         self._checkpoint_writer = CheckpointWriter(background=args.save_in_background)
         self._flops_per_token = None
         self._pending: list[str] = []  # checkpoint folders queued but not yet renamed into place
+        # transformers asks a dataset without __len__ for max_steps; a Ray Dataset's length is counted later
+        ray_data = _is_ray_dataset(train_dataset)
         super().__init__(
-            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            model=model, args=args, data_collator=data_collator, train_dataset=None if ray_data else train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
             compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
             optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        if ray_data:
+            self.train_dataset = train_dataset
 
     # ------------------------------------------------------------------ train
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -91,8 +97,14 @@ class Trainer(transformers.Trainer):
 
             # True means "the latest checkpoint in the run's storage", found by run_on_ray
             self._resume_requested_latest = resume_from_checkpoint is True
-            resume = None if resume_from_checkpoint is True else self._resolve_resume(resume_from_checkpoint)
+            resume = resume_from_checkpoint
+            if resume is True or resume is False:
+                resume = None
+            elif resume is not None and "://" not in resume:  # a storage URI is opened by run_on_ray
+                resume = self._resolve_resume(resume)
             return run_on_ray(self, resume, trial, ignore_keys_for_eval)
+        if _is_ray_dataset(self.train_dataset):
+            raise ValueError("train_dataset is a ray.data.Dataset: set num_workers >= 1 so Ray Train shards it.")
         resume = self._resolve_resume(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
@@ -221,6 +233,8 @@ class Trainer(transformers.Trainer):
             snap.save_model_fn = self._model_saver(unwrapped)
             snap.trainer_state_json = state_to_json(self.state)
             snap.training_args = self.args
+            # the data position of a checkpoint is in optimizer steps of this global batch
+            snap.extra_files[RUN_META] = {"world_size": world, "global_batch_size": self._global_batch_size()}
         if not self.args.save_only_model:
             if rank == 0:
                 snap.optimizer_state = to_cpu(self.optimizer.state_dict())
@@ -242,6 +256,27 @@ class Trainer(transformers.Trainer):
     def log(self, logs, start_time=None):
         self._last_metrics = dict(logs)
         return super().log(logs, start_time)
+
+    def _global_batch_size(self) -> int:
+        _, world = world_info()
+        return self._train_batch_size * world * self.args.gradient_accumulation_steps
+
+    def _check_resume_batch(self, checkpoint_dir: str) -> None:
+        """Resuming with another num_workers keeps the data position only if the global batch is unchanged."""
+        meta_file = os.path.join(checkpoint_dir, RUN_META)
+        if not os.path.isfile(meta_file):
+            return
+        meta = torch.load(meta_file, weights_only=True)
+        now = self._global_batch_size()
+        if meta["global_batch_size"] != now:
+            _, world = world_info()
+            raise ValueError(
+                f"{checkpoint_dir} was trained with a global batch of {meta['global_batch_size']} "
+                f"({meta['world_size']} workers); this run's is {now} = per_device_train_batch_size "
+                f"{self._train_batch_size} x {world} workers x gradient_accumulation_steps "
+                f"{self.args.gradient_accumulation_steps}. Set per_device_train_batch_size or "
+                "gradient_accumulation_steps so the global batch is the same, then resume."
+            )
 
     def _pending_dirs(self):
         return set(self._pending)
@@ -288,6 +323,14 @@ class Trainer(transformers.Trainer):
         finally:
             shutil.rmtree(os.path.dirname(self.state.best_model_checkpoint), ignore_errors=True)
             self.state.best_model_checkpoint = in_storage
+
+
+def _is_ray_dataset(obj) -> bool:
+    try:
+        import ray.data
+    except ImportError:
+        return False
+    return isinstance(obj, ray.data.Dataset)
 
 
 def _rng_state() -> dict:

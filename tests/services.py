@@ -172,7 +172,7 @@ class S3Server:
         if self.proc is not None:
             # weed's graceful gRPC stop can hang for good; its data is disposable, so a short
             # grace period then SIGKILL
-            _stop_process(self.proc, grace_s=2.0)
+            _stop_process(self.proc, grace_s=1.0)
         # weed leaves unix sockets such as /tmp/seaweedfs-volume-grpc-<port>.sock behind
         for port in self.ports:
             for p in (port, port + _GRPC_OFFSET):

@@ -22,6 +22,9 @@ class RayShard:
         self.total_rows = total_rows
         self.rows_per_shard = total_rows // world_size
 
+    def __len__(self) -> int:  # rows this worker trains on per epoch
+        return self.rows_per_shard
+
 
 class RayShardLoader:
     """A dataloader-like view of this worker's shard with a length, epochs and a start position."""

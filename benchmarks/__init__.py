@@ -1,0 +1,1 @@
+"""Benchmarks for raytrainer (not part of the test suite); see benchmarks/README.md."""
