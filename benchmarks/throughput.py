@@ -197,8 +197,13 @@ def _write(path, obj):
 
 
 def _targets(summary, info):
-    """The issue's targets, checked on this run's numbers."""
+    """The issue's targets, checked on this run's numbers (flagged when the spread is too wide to judge)."""
     print("\ntargets (issue 5):")
+    noisy = [f"{s['task']} {s['dtype']} {s['contender']} {s['samples_per_s']['max'] / s['samples_per_s']['min']:.2f}x"
+             for s in summary if s["samples_per_s"]["min"] > 0 and s["samples_per_s"]["max"] / s["samples_per_s"]["min"] > 1.15]
+    if noisy:
+        print("  WARNING: max/min spread > 1.15 for " + ", ".join(noisy) +
+              ": the machine was busy; these ratios cannot resolve 3-5% targets (re-run on an idle machine)")
     for s in summary:
         tag = f"{s['task']} {s['dtype']}"
         if s["contender"] == "rt":
