@@ -20,6 +20,7 @@ import sys
 import shutil
 import tempfile
 import traceback
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from . import storage
 from .checkpoint.layout import TRAINER_STATE, checkpoint_step
 
 FINAL_MODEL = "final_model"
+EVAL_RESULT = "eval_result"
 
 
 @dataclass
@@ -44,21 +46,16 @@ class RunSpec:
     name: str
     threads_per_worker: int
     dataset_rows: dict           # Ray Data datasets: rows per dataset (counted once on the driver)
+    fit_id: str = ""             # tells this fit's checkpoints from an earlier fit's in the same run folder
+    eval_call: tuple | None = None  # (method, dataset, ignore_keys, prefix) for run_eval_on_ray
 
 
 # ====================================================================== driver
 def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    """train() with num_workers >= 1."""
     args = trainer.args
     storage_path, name = storage_location(args)
-    storage.preflight_storage(storage_path, args.storage_filesystem)
-    # Resolved once here: the filesystem object (credentials included) travels to Ray's controller and
-    # workers, whose environments may lack the driver's AWS_* variables.
-    fs, base = storage.resolve_storage(storage_path, args.storage_filesystem)
-    run_dir = storage.join_path(base, name)
+    fs, base, run_dir = _storage_for(args, storage_path, name)
     datasets = {k: v for k, v in (("train", trainer.train_dataset),) if _is_ray_dataset(v)}
     check_dataset_columns(trainer)
     resume_in_storage = False
@@ -74,34 +71,80 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
             )
         resume_in_storage = True
 
-    init_kwargs = dict(trainer._init_kwargs)
-    if datasets:
-        init_kwargs["train_dataset"] = None
+    init_kwargs = _worker_init_kwargs(trainer, train_dataset=None if datasets else trainer._init_kwargs["train_dataset"])
+    if trainer.model_init is not None:
+        init_kwargs["model"] = None  # each worker calls model_init itself
+    check_picklable(init_kwargs)
+    spec = _spec(trainer, init_kwargs, fs, run_dir, name, resume=resume, resume_in_storage=resume_in_storage,
+                 dataset_rows=None, datasets=datasets)
+    keep = args.save_total_limit
+    if keep is not None and args.load_best_model_at_end:
+        keep += 1  # the best is kept on top of the latest ones, as transformers does
+    _fit(args, worker_main, spec, name, base, fs, datasets, keep)
+    return load_results(trainer, fs, run_dir)
+
+
+def run_eval_on_ray(trainer, method: str, dataset, ignore_keys, metric_key_prefix):
+    """evaluate() / predict() with num_workers >= 1: sharded over the workers, gathered without duplicates.
+
+    The workers get the driver's current weights; rank 0 writes the result to the run folder.
+    """
+    args = trainer.args
+    storage_path, name = storage_location(args)
+    name = f"{name}_{method}"  # its own Ray run: the training run's checkpoint state stays untouched
+    fs, base, run_dir = _storage_for(args, storage_path, name)
+    init_kwargs = _worker_init_kwargs(trainer, train_dataset=None)
+    init_kwargs.update(model=trainer.model, model_init=None)
+    check_picklable(init_kwargs)
+    spec = _spec(trainer, init_kwargs, fs, run_dir, name, resume=None, resume_in_storage=False,
+                 dataset_rows=None, datasets={})
+    spec.eval_call = (method, dataset, ignore_keys, metric_key_prefix)
+    _fit(args, eval_worker_main, spec, name, base, fs, {}, None)
+    local = tempfile.mkdtemp(prefix="raytrainer-eval-")
+    try:
+        storage.download_dir(fs, f"{run_dir}/{EVAL_RESULT}", local)
+        # our own file, written by our worker a moment ago: a full unpickle is safe
+        return torch.load(os.path.join(local, "result.pt"), weights_only=False)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _storage_for(args, storage_path, name):
+    storage.preflight_storage(storage_path, args.storage_filesystem)
+    # Resolved once here: the filesystem object (credentials included) travels to Ray's controller and
+    # workers, whose environments may lack the driver's AWS_* variables.
+    fs, base = storage.resolve_storage(storage_path, args.storage_filesystem)
+    return fs, base, storage.join_path(base, name)
+
+
+def _worker_init_kwargs(trainer, train_dataset) -> dict:
+    init_kwargs = dict(trainer._init_kwargs, train_dataset=train_dataset, model=trainer.model)
     if init_kwargs.get("optimizers", (None, None)) != (None, None):
         raise ValueError(
             "optimizers=(optimizer, scheduler) holds objects bound to the driver's model and cannot move to Ray "
             "workers; pass optimizer_cls_and_kwargs=(torch.optim.AdamW, {...}) or override create_optimizer()."
         )
-    if trainer.model_init is not None:
-        init_kwargs["model"] = None  # each worker calls model_init itself
-    else:
-        init_kwargs["model"] = trainer.model  # shipped once through Ray's object store
-    check_picklable(init_kwargs)
+    return init_kwargs
 
+
+def _spec(trainer, init_kwargs, fs, run_dir, name, *, resume, resume_in_storage, dataset_rows, datasets):
+    args = trainer.args
     _ensure_ray()
     cpus = (args.resources_per_worker or {}).get("CPU", 1)
     check_capacity(args, cpus)
-    rows = {k: v.count() for k, v in datasets.items()}
-    spec = RunSpec(
+    return RunSpec(
         trainer_cls=type(trainer), init_kwargs=init_kwargs, resume=resume, resume_in_storage=resume_in_storage,
-        storage_filesystem=fs, run_dir=run_dir, name=name,
-        threads_per_worker=max(1, int(cpus)), dataset_rows=rows,
+        storage_filesystem=fs, run_dir=run_dir, name=name, threads_per_worker=max(1, int(cpus)),
+        dataset_rows=dataset_rows or {k: v.count() for k, v in datasets.items()}, fit_id=uuid.uuid4().hex,
     )
-    keep = args.save_total_limit
-    if keep is not None and args.load_best_model_at_end:
-        keep += 1  # the best is kept on top of the latest ones, as transformers does
+
+
+def _fit(args, entry, spec, name, base, fs, datasets, keep):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     torch_trainer = TorchTrainer(
-        worker_main,
+        entry,
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(
             num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=args.resources_per_worker
@@ -117,7 +160,6 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
         torch_trainer.fit()
     except Exception as e:  # noqa: BLE001 - re-raised as the worker's own exception
         raise original_exception(e) from None
-    return load_results(trainer, fs, run_dir)
 
 
 def storage_location(args) -> tuple[str, str]:
@@ -288,6 +330,56 @@ def worker_main(config):
     import torch.distributed as dist
 
     spec: RunSpec = config["spec"]
+    trainer = _build_worker_trainer(spec)
+    trainer._fit_id = spec.fit_id
+    resume = None
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        local = restored.to_directory(tempfile.mkdtemp(prefix="raytrainer-restore-"))
+        # Ray also hands back an earlier fit's checkpoint from the same run folder; only a restart of
+        # this fit (a worker died) resumes from it, as a fresh train() starts fresh in transformers.
+        if _fit_id_of(local) == spec.fit_id:
+            resume = local
+    if resume is None and spec.resume is not None:
+        resume = _fetch_checkpoint(spec, spec.resume) if spec.resume_in_storage else spec.resume
+    trainer.train(resume_from_checkpoint=resume)
+
+    if dist.get_rank() == 0:
+        final = os.path.join(tempfile.mkdtemp(prefix="raytrainer-final-"), FINAL_MODEL)
+        trainer.save_model(final)
+        trainer.state.save_to_json(os.path.join(final, TRAINER_STATE))
+        _upload(spec, final, FINAL_MODEL)
+    dist.barrier()
+
+
+def eval_worker_main(config):
+    import torch.distributed as dist
+
+    spec: RunSpec = config["spec"]
+    trainer = _build_worker_trainer(spec)
+    method, dataset, ignore_keys, prefix = spec.eval_call
+    if method == "evaluate":
+        result = trainer.evaluate(eval_dataset=dataset, ignore_keys=ignore_keys, metric_key_prefix=prefix)
+    else:
+        result = trainer.predict(dataset, ignore_keys=ignore_keys, metric_key_prefix=prefix)
+    if dist.get_rank() == 0:  # every rank holds the gathered result; one writes it
+        folder = os.path.join(tempfile.mkdtemp(prefix="raytrainer-eval-"), EVAL_RESULT)
+        os.makedirs(folder)
+        torch.save(result, os.path.join(folder, "result.pt"))
+        _upload(spec, folder, EVAL_RESULT)
+    dist.barrier()
+
+
+def _upload(spec: RunSpec, local_dir: str, name: str) -> None:
+    fs = spec.storage_filesystem
+    fs.create_dir(f"{spec.run_dir}/{name}", recursive=True)
+    storage.upload_dir(local_dir, fs, f"{spec.run_dir}/{name}")
+    shutil.rmtree(os.path.dirname(local_dir), ignore_errors=True)
+
+
+def _build_worker_trainer(spec: RunSpec):
+    import torch.distributed as dist
+
     torch.set_num_threads(spec.threads_per_worker)  # Ray sets OMP_NUM_THREADS; give torch what we were allotted
     args = copy.copy(spec.init_kwargs["args"])
     # the driver's cached device / accelerate state describe the driver, not this worker
@@ -304,25 +396,14 @@ def worker_main(config):
     trainer = spec.trainer_cls(**kwargs)
     trainer._in_worker = True
     trainer._ray = WorkerRun(spec)
+    return trainer
 
-    resume = None
-    restored = ray.train.get_checkpoint()  # set after Ray restarted the worker group
-    if restored is not None:
-        resume = restored.to_directory(tempfile.mkdtemp(prefix="raytrainer-restore-"))
-    elif spec.resume is not None:
-        resume = _fetch_checkpoint(spec, spec.resume) if spec.resume_in_storage else spec.resume
-    trainer.train(resume_from_checkpoint=resume)
 
-    rank = dist.get_rank()
-    if rank == 0:
-        final = os.path.join(tempfile.mkdtemp(prefix="raytrainer-final-"), FINAL_MODEL)
-        trainer.save_model(final)
-        trainer.state.save_to_json(os.path.join(final, TRAINER_STATE))
-        fs = spec.storage_filesystem
-        fs.create_dir(f"{spec.run_dir}/{FINAL_MODEL}", recursive=True)
-        storage.upload_dir(final, fs, f"{spec.run_dir}/{FINAL_MODEL}")
-        shutil.rmtree(os.path.dirname(final), ignore_errors=True)
-    dist.barrier()
+def _fit_id_of(checkpoint_dir: str) -> str | None:
+    from .trainer import RUN_META
+
+    meta = os.path.join(checkpoint_dir, RUN_META)
+    return torch.load(meta, weights_only=True).get("fit_id") if os.path.isfile(meta) else None
 
 
 def _fetch_checkpoint(spec: RunSpec, path_in_storage: str) -> str:

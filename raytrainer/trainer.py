@@ -21,6 +21,7 @@ import inspect
 import os
 import shutil
 import tempfile
+import time
 
 import torch
 import transformers
@@ -71,6 +72,7 @@ class Trainer(transformers.Trainer):
         self._in_worker = False
         self._ray = None  # a ray_run.WorkerRun inside a Ray worker
         self._resume_requested_latest = False
+        self._fit_id = None  # set inside Ray workers: which fit() wrote a checkpoint
         self._strategy = None
         self._checkpoint_writer = CheckpointWriter(background=args.save_in_background)
         self._flops_per_token = None
@@ -107,6 +109,29 @@ class Trainer(transformers.Trainer):
             raise ValueError("train_dataset is a ray.data.Dataset: set num_workers >= 1 so Ray Train shards it.")
         resume = self._resolve_resume(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+
+    # ------------------------------------------------------------------ evaluate / predict
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        if self.args.num_workers > 0 and not self._in_worker:
+            from .ray_run import run_eval_on_ray
+
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+            if dataset is None:
+                raise ValueError("Trainer: evaluation requires an eval_dataset.")
+            metrics = run_eval_on_ray(self, "evaluate", dataset, ignore_keys, metric_key_prefix)
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
+        if self.args.num_workers > 0 and not self._in_worker:
+            from .ray_run import run_eval_on_ray
+
+            output = run_eval_on_ray(self, "predict", test_dataset, ignore_keys, metric_key_prefix)
+            self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
+            return output
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _resolve_resume(self, resume_from_checkpoint):
         if resume_from_checkpoint is False or resume_from_checkpoint is None:
@@ -202,6 +227,13 @@ class Trainer(transformers.Trainer):
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
         """Snapshot every state now; write `checkpoint-<step>/` atomically (in the background by default)."""
+        t0 = time.perf_counter()
+        try:
+            self._snapshot_and_save(trial)
+        finally:  # what the loop waited for: the copy, plus the write when it is not in the background
+            self._checkpoint_writer.blocked_s += time.perf_counter() - t0
+
+    def _snapshot_and_save(self, trial):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self._ray is not None:  # staged locally, persisted by Ray into <storage>/<run>/checkpoint-N
             run_dir = tempfile.mkdtemp(prefix="raytrainer-ckpt-")
@@ -234,7 +266,8 @@ class Trainer(transformers.Trainer):
             snap.trainer_state_json = state_to_json(self.state)
             snap.training_args = self.args
             # the data position of a checkpoint is in optimizer steps of this global batch
-            snap.extra_files[RUN_META] = {"world_size": world, "global_batch_size": self._global_batch_size()}
+            snap.extra_files[RUN_META] = {"world_size": world, "global_batch_size": self._global_batch_size(),
+                                          "fit_id": self._fit_id}
         if not self.args.save_only_model:
             if rank == 0:
                 snap.optimizer_state = to_cpu(self.optimizer.state_dict())
