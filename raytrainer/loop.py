@@ -203,6 +203,7 @@ class TrainingLoop:
                     if args.max_grad_norm is not None and args.max_grad_norm > 0:
                         grad_norm = strategy.clip_grad_norm(model, t.optimizer, args.max_grad_norm)
                     t.control = t.callback_handler.on_pre_optimizer_step(args, t.state, t.control)
+                    t._checkpoint_writer.wait_copied()  # a background snapshot still reads these weights
                     stepped = strategy.optimizer_step(t.optimizer)
                     t.control = t.callback_handler.on_optimizer_step(args, t.state, t.control)
                     learning_rate = t._get_learning_rate()

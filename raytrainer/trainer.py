@@ -16,6 +16,7 @@ callbacks and its evaluate/predict are transformers' own. What it replaces:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import os
@@ -253,15 +254,18 @@ class Trainer(transformers.Trainer):
         rank, world = world_info()
         for cb in [c for c in self.callback_handler.callbacks + [self.control]
                    if isinstance(c, transformers.trainer_callback.ExportableState)]:
-            name, cb_state = cb.__class__.__name__, cb.state()
-            if isinstance(self.state.stateful_callbacks.get(name), list):
-                self.state.stateful_callbacks[name].append(cb_state)
+            cb_name, cb_state = cb.__class__.__name__, cb.state()
+            if isinstance(self.state.stateful_callbacks.get(cb_name), list):
+                self.state.stateful_callbacks[cb_name].append(cb_state)
             else:
-                self.state.stateful_callbacks[name] = cb_state
+                self.state.stateful_callbacks[cb_name] = cb_state
         unwrapped = self.accelerator.unwrap_model(self.model)
         snap = Snapshot(final_dir=final_dir, rng_file="rng_state.pth" if world == 1 else f"rng_state_{rank}.pth")
         if rank == 0:
-            snap.model_state = to_cpu(unwrapped.state_dict())
+            # buffers (e.g. BatchNorm statistics) change in forward: copied now; parameters change only in
+            # optimizer.step, so their copy may wait for the writer thread (see below)
+            buffers = {n for n, _ in unwrapped.named_buffers()}
+            snap.model_state = {k: to_cpu(v) if k in buffers else v for k, v in unwrapped.state_dict().items()}
             snap.save_model_fn = self._model_saver(unwrapped)
             snap.trainer_state_json = state_to_json(self.state)
             snap.training_args = self.args
@@ -270,10 +274,16 @@ class Trainer(transformers.Trainer):
                                           "fit_id": self._fit_id}
         if not self.args.save_only_model:
             if rank == 0:
-                snap.optimizer_state = to_cpu(self.optimizer.state_dict())
-                snap.scheduler_state = self.lr_scheduler.state_dict()
+                snap.optimizer_state = self.optimizer.state_dict()
+                snap.scheduler_state = copy.deepcopy(self.lr_scheduler.state_dict())
                 snap.scaler_state = self._strategy.scaler_state() if self._strategy else None
             snap.rng_state = _rng_state()
+        if self._checkpoint_writer.background and self._ray is None:
+            # the writer thread copies parameters and optimizer state while the next forward/backward
+            # runs; the loop waits for that copy before the next optimizer.step (wait_copied)
+            snap.copy_fn = _copy_live_tensors
+        else:
+            _copy_live_tensors(snap)
         if self._ray is not None:
             # every rank reports the same number of times (Ray's report is a barrier), right after writing
             self._checkpoint_writer.background = False
@@ -356,6 +366,11 @@ class Trainer(transformers.Trainer):
         finally:
             shutil.rmtree(os.path.dirname(self.state.best_model_checkpoint), ignore_errors=True)
             self.state.best_model_checkpoint = in_storage
+
+
+def _copy_live_tensors(snap: Snapshot) -> None:
+    snap.model_state = to_cpu(snap.model_state)
+    snap.optimizer_state = to_cpu(snap.optimizer_state)
 
 
 def _is_ray_dataset(obj) -> bool:

@@ -1,8 +1,9 @@
 """Writes a checkpoint snapshot to `tmp-checkpoint-N` and renames it to `checkpoint-N`.
 
-The loop takes a Snapshot (CPU copies of every state, taken synchronously, so training can go on
-mutating the live tensors) and hands it to the writer. With `background=True` one thread writes
-snapshots in order; the loop only blocks for the copy. `wait()` joins outstanding writes: the loop
+The loop takes a Snapshot of every state and hands it to the writer. With `background=True` one
+thread writes snapshots in order; it first copies the live parameters and optimizer state (its
+`copy_fn`), which the loop does not change before its next optimizer step, where it calls
+`wait_copied()`. So the loop blocks for neither the copy nor the write. `wait()` joins outstanding writes: the loop
 calls it before anything reads checkpoints (rotation, load best, resume, end of training).
 """
 
@@ -54,6 +55,9 @@ class Snapshot:
     training_args: Any = None
     extra_files: dict[str, Any] = field(default_factory=dict)  # name -> picklable object (torch.save)
     after: Callable[[str], None] | None = None  # called with final_dir once renamed (rotation, upload)
+    # fills in copies of live tensors; run by the writer thread before anything is written
+    copy_fn: Callable[["Snapshot"], None] | None = None
+    copied: threading.Event = field(default_factory=threading.Event)
 
 
 class CheckpointWriter:
@@ -65,6 +69,7 @@ class CheckpointWriter:
         self.blocked_s = 0.0   # time the loop spent in save() (snapshot copy + any synchronous write)
         self.write_s = 0.0     # time spent writing files
         self.written: list[str] = []
+        self._last_copy: threading.Event | None = None
 
     # ------------------------------------------------------------------ API
     def save(self, snap: Snapshot) -> None:
@@ -72,10 +77,18 @@ class CheckpointWriter:
         if not self.background:
             self._write(snap)
             return
+        self._last_copy = snap.copied
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="raytrainer-checkpoint-writer", daemon=True)
             self._thread.start()
         self._queue.put(snap)
+
+    def wait_copied(self) -> None:
+        """Block until the latest snapshot holds its own copies (call before tensors change again)."""
+        pending = self._last_copy
+        if pending is not None and not pending.is_set():
+            pending.wait()
+        self._raise_pending()
 
     def wait(self) -> None:
         """Block until every queued checkpoint is on disk; re-raise a write error here."""
@@ -109,6 +122,11 @@ class CheckpointWriter:
                 self._queue.task_done()
 
     def _write(self, snap: Snapshot) -> None:
+        try:
+            if snap.copy_fn is not None:
+                snap.copy_fn(snap)
+        finally:  # set even on error, so the loop never waits forever; the error surfaces in wait()/save()
+            snap.copied.set()
         t0 = time.perf_counter()
         parent, name = os.path.split(os.path.normpath(snap.final_dir))
         os.makedirs(parent, exist_ok=True)
