@@ -13,6 +13,7 @@ transformers is slow or inexact:
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -84,7 +85,7 @@ class TrainingLoop:
             pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
             persistent_workers=args.dataloader_persistent_workers,
             prefetch_factor=args.dataloader_prefetch_factor,
-            worker_init_fn=lambda wid: seed_worker(wid, args.dataloader_num_workers, self.rank),
+            worker_init_fn=functools.partial(seed_worker, num_workers=args.dataloader_num_workers, rank=self.rank),
         )
         if args.dataloader_num_workers == 0:
             params.pop("prefetch_factor")

@@ -87,7 +87,9 @@ class CheckpointWriter:
         """Block until the latest snapshot holds its own copies (call before tensors change again)."""
         pending = self._last_copy
         if pending is not None and not pending.is_set():
+            t0 = time.perf_counter()
             pending.wait()
+            self.blocked_s += time.perf_counter() - t0  # the loop waited for the snapshot after all
         self._raise_pending()
 
     def wait(self) -> None:
