@@ -18,7 +18,9 @@ import copy
 import os
 import sys
 import shutil
+import logging
 import tempfile
+import time
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ import torch
 from . import storage
 from .checkpoint.layout import TRAINER_STATE, checkpoint_step
 
+logger = logging.getLogger("raytrainer")
 FINAL_MODEL = "final_model"
 EVAL_RESULT = "eval_result"
 
@@ -48,6 +51,7 @@ class RunSpec:
     dataset_rows: dict           # Ray Data datasets: rows per dataset (counted once on the driver)
     fit_id: str = ""             # tells this fit's checkpoints from an earlier fit's in the same run folder
     eval_call: tuple | None = None  # (method, dataset, ignore_keys, prefix) for run_eval_on_ray
+    submitted_at: float = 0.0    # driver's time.time() at fit(): workers log their start-up latency
 
 
 # ====================================================================== driver
@@ -136,6 +140,7 @@ def _spec(trainer, init_kwargs, fs, run_dir, name, *, resume, resume_in_storage,
         trainer_cls=type(trainer), init_kwargs=init_kwargs, resume=resume, resume_in_storage=resume_in_storage,
         storage_filesystem=fs, run_dir=run_dir, name=name, threads_per_worker=max(1, int(cpus)),
         dataset_rows=dataset_rows or {k: v.count() for k, v in datasets.items()}, fit_id=uuid.uuid4().hex,
+        submitted_at=time.time(),
     )
 
 
@@ -330,7 +335,11 @@ def worker_main(config):
     import torch.distributed as dist
 
     spec: RunSpec = config["spec"]
+    entered = time.time()
     trainer = _build_worker_trainer(spec)
+    if dist.get_rank() == 0:
+        logger.warning("raytrainer: worker 0 started %.1f s after fit(); Trainer built in %.1f s",
+                       entered - spec.submitted_at, time.time() - entered)
     trainer._fit_id = spec.fit_id
     resume = None
     restored = ray.train.get_checkpoint()
