@@ -15,10 +15,10 @@ itself, so checkpoints land where transformers puts them: `output_dir/checkpoint
 from __future__ import annotations
 
 import copy
-import os
-import sys
-import shutil
 import logging
+import os
+import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -145,8 +145,17 @@ def _spec(trainer, init_kwargs, fs, run_dir, name, *, resume, resume_in_storage,
 
 
 def _fit(args, entry, spec, name, base, fs, datasets, keep):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    data_config = None
+    if datasets:
+        # preserve_order makes Ray's streaming_split deal blocks to the workers deterministically (in
+        # order, to the worker with the fewest rows so far): the same rows go to the same rank in every
+        # epoch and after a restart, so a resumed run sees what the uninterrupted one would have
+        options = DataConfig.default_ingest_options()
+        options.preserve_order = True
+        data_config = DataConfig(execution_options=options)
 
     torch_trainer = TorchTrainer(
         entry,
@@ -160,6 +169,7 @@ def _fit(args, entry, spec, name, base, fs, datasets, keep):
             checkpoint_config=CheckpointConfig(num_to_keep=keep),
         ),
         datasets=datasets or None,
+        dataset_config=data_config,
     )
     try:
         torch_trainer.fit()
@@ -255,6 +265,12 @@ def check_dataset_columns(trainer) -> None:
             columns = set(first)
     if columns is None or trainer.data_collator is not None and not _is_default_collator(trainer.data_collator):
         return
+    main_input = getattr(model, "main_input_name", None)
+    if main_input in params and main_input not in columns:
+        raise ValueError(
+            f"train_dataset has no {main_input!r} column (it has {sorted(columns)}), which "
+            f"{type(model).__name__}.forward needs: tokenize the dataset or pass a data_collator that makes it."
+        )
     label_like = {"label", "labels", "label_ids"}
     if params and not (columns & (params | label_like)):
         raise ValueError(

@@ -226,6 +226,9 @@ def test_ray_data_epochs_without_max_steps(ray_cluster, tmp_path):
         assert len(shards[0]) == len(shards[1]) == 500
         assert not shards[0] & shards[1], "shards overlap"
         assert shards[0] | shards[1] == set(range(1000)), "rows missing from the epoch"
+    # the split and the order are deterministic: each rank streams the same rows in the same order every epoch
+    for ids in per_rank:
+        assert ids[:500] == ids[500:]
 
 
 def test_worker_exception_reaches_driver_with_its_type(ray_cluster, tmp_path):

@@ -1,7 +1,10 @@
 """Ray Data on the workers: each worker streams its shard from `ray.train.get_dataset_shard`.
 
 Ray Train splits a dataset given to TorchTrainer(datasets=...) with `streaming_split(equal=True)`:
-every shard has rows // world_size rows. The driver counts the rows once, so every worker knows
+every shard has rows // world_size rows. raytrainer runs it with `preserve_order=True`, under which
+the split deals blocks in order to the worker with the fewest rows so far: each rank gets the same
+rows in the same order every epoch (the data order is a function of the dataset alone), and a
+resumed run skips exactly the batches the interrupted one had trained on. The driver counts the rows once, so every worker knows
 its steps per epoch before streaming; all ranks run the same number of steps and none hangs in a
 collective while another has ended its epoch. Epochs therefore need no max_steps.
 """
