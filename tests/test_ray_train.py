@@ -203,21 +203,34 @@ class IdRecorder(torch.nn.Module):
         return {"loss": loss}
 
 
-def test_ray_data_epochs_without_max_steps(ray_cluster, tmp_path):
+def ray_data_training(out, ids_dir, callbacks=(), **kw):
     import ray.data
 
     ds = ray.data.range(1000).map(lambda r: {"id": r["id"], "x": r["id"] % 7, "labels": (r["id"] % 7) * 2.0})
-    ids_dir = tmp_path / "ids"
-    ids_dir.mkdir()
-    args = ray_args(tmp_path / "run", 2, 50, gradient_accumulation_steps=1, save_strategy="no",
-                    lr_scheduler_type="linear", warmup_steps=0)
-    trainer = raytrainer.Trainer(model=IdRecorder(str(ids_dir)), args=args, train_dataset=ds)
+    os.makedirs(ids_dir, exist_ok=True)
+    args = ray_args(out, 2, 50, gradient_accumulation_steps=1, save_steps=5, lr_scheduler_type="linear",
+                    warmup_steps=0, **kw)
+    torch.manual_seed(0)
+    trainer = raytrainer.Trainer(model=IdRecorder(str(ids_dir)), args=args, train_dataset=ds,
+                                 callbacks=list(callbacks))
     trainer.train()
-    # 500 rows per shard, 10 steps of 50 per epoch, 2 epochs
-    assert trainer.state.global_step == 20
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def ray_data_run(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("raydata")
+    trainer = ray_data_training(tmp / "run", tmp / "ids")
+    trainer.ids_dir = tmp / "ids"
+    return trainer
+
+
+def test_ray_data_epochs_without_max_steps(ray_data_run):
+    # 500 rows per shard, 10 steps of 50 per epoch, 2 epochs, no max_steps
+    assert ray_data_run.state.global_step == 20
     per_rank = []
     for rank in (0, 1):
-        lines = (ids_dir / f"rank{rank}").read_text().split("\n")
+        lines = (ray_data_run.ids_dir / f"rank{rank}").read_text().split("\n")
         ids = [int(i) for line in lines if line for i in line.split()]
         assert len(ids) == 1000  # two epochs of 500
         per_rank.append(ids)
@@ -229,6 +242,17 @@ def test_ray_data_epochs_without_max_steps(ray_cluster, tmp_path):
     # the split and the order are deterministic: each rank streams the same rows in the same order every epoch
     for ids in per_rank:
         assert ids[:500] == ids[500:]
+
+
+def test_ray_data_killed_worker_resumes_mid_epoch_exactly(ray_data_run, tmp_path):
+    marker = str(tmp_path / "killed")
+    trainer = ray_data_training(tmp_path / "run", tmp_path / "ids", max_failures=1,
+                                callbacks=[KillWorkerOnce(step=7, marker=marker)])
+    assert os.path.exists(marker), "the worker was never killed"
+    assert trainer.state.global_step == 20
+    a, b = weights(trainer), weights(ray_data_run)
+    for k in a:  # restarted from checkpoint-5, mid-epoch: the stream skips the 5 batches it had trained on
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_worker_exception_reaches_driver_with_its_type(ray_cluster, tmp_path):
