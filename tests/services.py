@@ -241,21 +241,27 @@ def start_seaweedfs(workdir: str | os.PathLike, timeout_s: float = 60.0, attempt
             region="us-east-1", workdir=workdir,
             ports=(master, volume, filer, s3),
         )
-        t0 = time.monotonic()
-        with open(log, "wb") as out:
-            server.proc = subprocess.Popen(
-                cmd, cwd=data_dir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # Ctrl-C in the test run does not hit it half-way
-            )
-        try:
-            _wait_until(lambda: _s3_ready(server), server.proc, log, "SeaweedFS", timeout_s)
-        except ServiceError as exc:
-            server.stop()
-            last = exc
-            continue
-        server.startup_s = time.monotonic() - t0
-        return server
+        last = _launch(server, cmd, data_dir, log, lambda: _s3_ready(server), "SeaweedFS", timeout_s)
+        if last is None:
+            return server
     raise last  # type: ignore[misc]
+
+
+def _launch(server, cmd, cwd, log, ready, name, timeout_s) -> ServiceError | None:
+    """Start `cmd` as `server.proc` and wait until `ready()`; on failure stop it and return the error."""
+    t0 = time.monotonic()
+    with open(log, "wb") as out:
+        server.proc = subprocess.Popen(
+            cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the test run does not hit it half-way
+        )
+    try:
+        _wait_until(ready, server.proc, log, name, timeout_s)
+    except ServiceError as exc:
+        server.stop()
+        return exc
+    server.startup_s = time.monotonic() - t0
+    return None
 
 
 # ------------------------------------------------------------------------------------- MLflow
@@ -308,20 +314,8 @@ def start_mlflow(workdir: str | os.PathLike, timeout_s: float = 120.0, attempts:
             "--workers", "1",  # the default 4 workers cost CPU and memory a test does not need
         ]
         server = MlflowServer(tracking_uri=f"http://127.0.0.1:{port}", workdir=workdir)
-        t0 = time.monotonic()
-        with open(log, "wb") as out:
-            server.proc = subprocess.Popen(
-                cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        try:
-            _wait_until(
-                lambda: _http_ok(f"{server.tracking_uri}/health"), server.proc, log, "MLflow", timeout_s
-            )
-        except ServiceError as exc:
-            server.stop()
-            last = exc
-            continue
-        server.startup_s = time.monotonic() - t0
-        return server
+        last = _launch(server, cmd, workdir, log, lambda: _http_ok(f"{server.tracking_uri}/health"), "MLflow",
+                       timeout_s)
+        if last is None:
+            return server
     raise last  # type: ignore[misc]
