@@ -77,6 +77,8 @@ class Trainer(transformers.Trainer):
         self._strategy = None
         self._checkpoint_writer = CheckpointWriter(background=args.save_in_background)
         self._flops_per_token = None
+        self._training_step_takes_items = None  # signatures of the (possibly overridden) hooks, read once
+        self._compute_loss_signature_ok = None
         self._pending: list[str] = []  # checkpoint folders queued but not yet renamed into place
         # transformers asks a dataset without __len__ for max_steps; a Ray Dataset's length is counted later
         ray_data = _is_ray_dataset(train_dataset)
@@ -162,18 +164,19 @@ class Trainer(transformers.Trainer):
             return self.training_step(model, inputs, num_items_in_batch)
         return self.training_step(model, inputs)
 
-    _training_step_takes_items = None
-    _compute_loss_takes_items = None
+    def _compute_loss_takes_items(self) -> bool:
+        """False for subclasses written for transformers < 4.46: compute_loss(model, inputs, return_outputs=False)."""
+        if self._compute_loss_signature_ok is None:
+            self._compute_loss_signature_ok = _accepts(self.compute_loss, "num_items_in_batch")
+        return self._compute_loss_signature_ok
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        if self._compute_loss_takes_items is None:
-            self._compute_loss_takes_items = _accepts(self.compute_loss, "num_items_in_batch")
         with self.compute_loss_context_manager():
-            if self._compute_loss_takes_items:
+            if self._compute_loss_takes_items():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             else:  # an older override: it computes a per-batch mean, scaled for accumulation below
                 loss = self.compute_loss(model, inputs)
@@ -196,7 +199,7 @@ class Trainer(transformers.Trainer):
         # transformers' prediction_step calls compute_loss(..., num_items_in_batch=...), which a
         # subclass with the older `compute_loss(self, model, inputs, return_outputs=False)` rejects
         # (TypeError in evaluate()). For such overrides, hide that keyword for this call only.
-        if _accepts(self.compute_loss, "num_items_in_batch"):
+        if self._compute_loss_takes_items():
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         older = self.compute_loss
 
