@@ -421,6 +421,8 @@ def _build_worker_trainer(spec: RunSpec):
     trainer = spec.trainer_cls(**kwargs)
     trainer._in_worker = True
     trainer._ray = WorkerRun(spec)
+    # Ray's report is a barrier right after each save: the checkpoint must be on disk by then
+    trainer._checkpoint_writer.background = False
     return trainer
 
 

@@ -80,6 +80,7 @@ class Trainer(transformers.Trainer):
         self._training_step_takes_items = None  # signatures of the (possibly overridden) hooks, read once
         self._compute_loss_signature_ok = None
         self._pending: list[str] = []  # checkpoint folders queued but not yet renamed into place
+        self._last_metrics: dict = {}  # the latest logged values, sent with each Ray checkpoint report
         # transformers asks a dataset without __len__ for max_steps; a Ray Dataset's length is counted later
         ray_data = _is_ray_dataset(train_dataset)
         super().__init__(
@@ -252,7 +253,7 @@ class Trainer(transformers.Trainer):
                 self.state.best_model_checkpoint = self._ray.checkpoint_path(self.state.best_global_step)
             else:
                 best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-                if best == final_dir or os.path.exists(best) or best in self._pending_dirs():
+                if best == final_dir or os.path.exists(best) or best in self._pending:
                     self.state.best_model_checkpoint = best
         rank, world = world_info()
         for cb in [c for c in self.callback_handler.callbacks + [self.control]
@@ -283,7 +284,7 @@ class Trainer(transformers.Trainer):
                 snap.scheduler_state = copy.deepcopy(self.lr_scheduler.state_dict())
                 snap.scaler_state = self._strategy.scaler_state() if self._strategy else None
             snap.rng_state = _rng_state()
-        if self._checkpoint_writer.background and self._ray is None:
+        if self._checkpoint_writer.background:
             # the writer thread copies parameters and optimizer state while the next forward/backward
             # runs; the loop waits for that copy before the next optimizer.step (wait_copied)
             snap.copy_fn = _copy_live_tensors
@@ -291,15 +292,12 @@ class Trainer(transformers.Trainer):
             _copy_live_tensors(snap)
         if self._ray is not None:
             # every rank reports the same number of times (Ray's report is a barrier), right after writing
-            self._checkpoint_writer.background = False
             self._checkpoint_writer.save(snap)
-            self._ray.report(final_dir, {"step": self.state.global_step, **(self._last_metrics or {})})
+            self._ray.report(final_dir, {"step": self.state.global_step, **self._last_metrics})
             return
         snap.after = lambda d: self._after_checkpoint_written(d, run_dir)
         self._pending.append(final_dir)
         self._checkpoint_writer.save(snap)
-
-    _last_metrics: dict | None = None
 
     def log(self, logs, start_time=None):
         self._last_metrics = dict(logs)
@@ -325,9 +323,6 @@ class Trainer(transformers.Trainer):
                 f"{self.args.gradient_accumulation_steps}. Set per_device_train_batch_size or "
                 "gradient_accumulation_steps so the global batch is the same, then resume."
             )
-
-    def _pending_dirs(self):
-        return set(self._pending)
 
     def _model_saver(self, unwrapped):
         processing_class = self.processing_class
@@ -393,5 +388,7 @@ def _rng_state() -> dict:
 
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.random.get_rng_state()
+        # the layout transformers' _load_rng_state expects: all devices' states when distributed
+        distributed = world_info()[1] > 1
+        state["cuda"] = torch.cuda.random.get_rng_state_all() if distributed else torch.cuda.random.get_rng_state()
     return state
