@@ -337,10 +337,12 @@ def _load_weights(model, folder):
 
     state = load_file(os.path.join(folder, "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # tied weights (e.g. GPT-2's lm_head) are saved once by save_pretrained
-    missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", None) or ()]
-    if unexpected:
-        raise RuntimeError(f"final model from the workers has unexpected keys: {unexpected[:5]}")
+    # tied weights (e.g. GPT-2's lm_head) are saved once by save_pretrained and tied again below
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"the workers' final model does not fit the driver's: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
 
