@@ -92,6 +92,14 @@ def accuracy(eval_pred):
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
+def parse_value(text: str):
+    """YAML scalars, except that YAML 1.1's yes/no/on/off stay strings (save_strategy=no means "no")."""
+    value = yaml.safe_load(text)
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text
+    return value
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "minilm_sentiment.yaml"))
@@ -107,7 +115,7 @@ def main(argv=None) -> dict:
     training_args = dict(cfg.get("training_args", {}))
     for item in cli.set:
         key, _, value = item.partition("=")
-        training_args[key] = yaml.safe_load(value)
+        training_args[key] = parse_value(value)
     model_name = cfg.get("model", "minilm")
     if model_name not in MODELS:
         raise SystemExit(f"config 'model: {model_name}' is unknown; use one of {sorted(MODELS)}")
