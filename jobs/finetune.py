@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 
 import yaml
@@ -92,11 +93,21 @@ def accuracy(eval_pred):
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def parse_value(text: str):
     """YAML scalars, except that YAML 1.1's yes/no/on/off stay strings (save_strategy=no means "no")."""
     value = yaml.safe_load(text)
     if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
         return text
+    return fix_number(value)
+
+
+def fix_number(value):
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; learning_rate: 1e-3 means the number."""
+    if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        return float(value)
     return value
 
 
@@ -112,7 +123,7 @@ def main(argv=None) -> dict:
 
     import raytrainer
 
-    training_args = dict(cfg.get("training_args", {}))
+    training_args = {k: fix_number(v) for k, v in (cfg.get("training_args") or {}).items()}
     for item in cli.set:
         key, _, value = item.partition("=")
         training_args[key] = parse_value(value)
