@@ -116,9 +116,27 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
 
+    def _sync_after_mutation(self) -> None:
+        # transformers 5 reads activation_checkpointing*; gradient_checkpointing* are its older mirrors
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            mirrored = self.__dict__.get(f"_mirrored_{old}", getattr(self, new))
+            if getattr(self, old) != mirrored:  # the older name was set after construction
+                object.__setattr__(self, new, getattr(self, old))
+            object.__setattr__(self, f"_mirrored_{old}", getattr(self, new))
+            object.__setattr__(self, old, getattr(self, new))
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16 and bf16 are both True: set at most one of them.")
+        self.mixed_precision = "fp16" if self.fp16 else "bf16" if self.bf16 else "no"
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> "TrainingArguments":
-        """Check every value the loop relies on; raise ValueError naming the field and the fix."""
+        """Check every value the loop relies on; raise ValueError naming the field and the fix.
+
+        Also re-derives what __post_init__ derived, so fields changed after construction (the docs
+        show `args.fp16 = True`, `args.gradient_checkpointing = True`) take effect.
+        """
+        self._sync_after_mutation()
         self._check_names()
         defaults = _defaults_of(transformers.TrainingArguments)
         for name, fix in UNSUPPORTED_FIELDS.items():

@@ -125,3 +125,29 @@ def test_background_and_foreground_checkpoints_are_identical(tmp_path):
         ob = torch.load(folders[1] / f"checkpoint-{step}" / "optimizer.pt", weights_only=True)
         for i in oa["state"]:
             assert all(torch.equal(oa["state"][i][k], ob["state"][i][k]) for k in oa["state"][i]), step
+
+
+def test_args_changed_after_construction_take_effect(tmp_path):
+    """The Chinese docs' performance tips set fields on an existing TrainingArguments."""
+    import pytest
+
+    args = make_args(TrainingArguments, tmp_path, num_train_epochs=1)
+    args.gradient_checkpointing = True
+    args.bf16 = True
+    args.per_device_train_batch_size = 2
+    args.optim = "adamw_torch_fused"
+    with pytest.warns(UserWarning, match="dataloader_pin_memory"):
+        args.datloader_pin_memory = True  # the docs' typo: nothing reads it, and we say so
+    dtypes = []
+
+    class Spy(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, out = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            dtypes.append(out.logits.dtype)
+            return (loss, out) if return_outputs else loss
+
+    trainer = Spy(model=tiny_gpt2(), args=args, train_dataset=lm_examples())
+    trainer.train()
+    assert trainer.model.is_gradient_checkpointing
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert trainer.state.global_step == 7  # 26 rows / (2 x 2) per update
