@@ -83,10 +83,7 @@ class TrainingArguments(transformers.TrainingArguments):
             super().__post_init__()
         finally:
             self.bf16, self.bf16_full_eval = bf16, bf16_full_eval
-        if self.fp16 and self.bf16:
-            raise ValueError("fp16 and bf16 are both True: set at most one of them (bf16=True on CPUs and Ampere+ GPUs).")
-        self.mixed_precision = "fp16" if self.fp16 else "bf16" if self.bf16 else "no"
-        self.validate()
+        self.validate()  # also sets mixed_precision from fp16/bf16
 
     # ------------------------------------------------------------------ helpers
     def _map_older_names(self) -> None:
@@ -125,8 +122,6 @@ class TrainingArguments(transformers.TrainingArguments):
                 object.__setattr__(self, new, getattr(self, old))
             object.__setattr__(self, f"_mirrored_{old}", getattr(self, new))
             object.__setattr__(self, old, getattr(self, new))
-        if self.fp16 and self.bf16:
-            raise ValueError("fp16 and bf16 are both True: set at most one of them.")
         self.mixed_precision = "fp16" if self.fp16 else "bf16" if self.bf16 else "no"
 
     # ------------------------------------------------------------------ validation
@@ -179,7 +174,7 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.eval_accumulation_steps is not None and self.eval_accumulation_steps < 1:
             raise ValueError(f"eval_accumulation_steps={self.eval_accumulation_steps} must be >= 1 or None.")
         if self.fp16 and self.bf16:
-            raise ValueError("fp16 and bf16 are both True: set at most one of them.")
+            raise ValueError("fp16 and bf16 are both True: set at most one of them (bf16=True on CPUs and Ampere+ GPUs).")
         save = _value(self.save_strategy)
         if save == "best" and self.metric_for_best_model is None:
             raise ValueError(

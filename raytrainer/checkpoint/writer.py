@@ -3,8 +3,9 @@
 The loop takes a Snapshot of every state and hands it to the writer. With `background=True` one
 thread writes snapshots in order; it first copies the live parameters and optimizer state (its
 `copy_fn`), which the loop does not change before its next optimizer step, where it calls
-`wait_copied()`. So the loop blocks for neither the copy nor the write. `wait()` joins outstanding writes: the loop
-calls it before anything reads checkpoints (rotation, load best, resume, end of training).
+`wait_copied()`. So the loop blocks for neither the copy nor the write. `wait()` joins
+outstanding writes: the loop calls it before anything reads checkpoints (rotation, load best,
+resume, end of training).
 """
 
 from __future__ import annotations

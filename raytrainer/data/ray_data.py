@@ -4,9 +4,10 @@ Ray Train splits a dataset given to TorchTrainer(datasets=...) with `streaming_s
 every shard has rows // world_size rows. raytrainer runs it with `preserve_order=True`, under which
 the split deals blocks in order to the worker with the fewest rows so far: each rank gets the same
 rows in the same order every epoch (the data order is a function of the dataset alone), and a
-resumed run skips exactly the batches the interrupted one had trained on. The driver counts the rows once, so every worker knows
-its steps per epoch before streaming; all ranks run the same number of steps and none hangs in a
-collective while another has ended its epoch. Epochs therefore need no max_steps.
+resumed run skips exactly the batches the interrupted one had trained on. The driver counts the
+rows once, so every worker knows its steps per epoch before streaming; all ranks run the same
+number of steps and none hangs in a collective while another has ended its epoch. Epochs
+therefore need no max_steps.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ class RayShard:
 
     def __init__(self, name: str, total_rows: int, world_size: int):
         self.name = name
-        self.total_rows = total_rows
         self.rows_per_shard = total_rows // world_size
 
     def __len__(self) -> int:  # rows this worker trains on per epoch
@@ -37,7 +37,6 @@ class RayShardLoader:
         self.batch_size = batch_size
         self.columns = columns  # the inputs the model takes; other columns are dropped like remove_unused_columns
         self.drop_last = drop_last
-        self.epoch = 0
         self.start_batch = 0
 
     def __len__(self) -> int:
@@ -45,7 +44,7 @@ class RayShardLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
+        # the shard streams the same rows in the same order every epoch: only the start moves
         self.start_batch = start_batch
 
     def __iter__(self):
