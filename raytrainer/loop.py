@@ -147,7 +147,7 @@ class TrainingLoop:
             if t.control.should_training_stop:
                 break
 
-        t._checkpoint_writer.wait()  # best-model loading and rotation read finished checkpoints
+        t._finish_saves(block=True)  # every checkpoint complete, its on_save fired, rotation done
         return t._finalize_training(trial, num_train_samples, start_time)
 
     # ------------------------------------------------------------------ one epoch
@@ -187,6 +187,7 @@ class TrainingLoop:
                 step += 1
                 do_sync_step = (step + 1) % ga == 0 or (step + 1) == steps_in_epoch
                 if step % ga == 0:
+                    t._finish_saves(block=False)  # on_save for checkpoints the writer has completed
                     t.control = t.callback_handler.on_step_begin(args, t.state, t.control)
                 if i == len(batch_samples) - 1:
                     tr_loss_step = t._call_training_step(model, inputs, num_items_in_batch)

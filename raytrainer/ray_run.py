@@ -18,6 +18,7 @@ import copy
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -30,6 +31,9 @@ import torch
 
 from . import storage
 from .checkpoint.layout import TRAINER_STATE, checkpoint_step
+from .checkpoint.retention import checkpoints_to_delete
+from .crossing import TrainerBlueprint, apply_final_state, final_state
+from .event_stream import DriverStream, StreamToDriver
 
 logger = logging.getLogger("raytrainer")
 FINAL_MODEL = "final_model"
@@ -40,8 +44,7 @@ EVAL_RESULT = "eval_result"
 class RunSpec:
     """Everything that crosses from the driver to the workers (pickled once by Ray)."""
 
-    trainer_cls: type
-    init_kwargs: dict
+    blueprint: TrainerBlueprint  # the driver's Trainer as it stood when train()/evaluate()/predict() was called
     resume: str | None           # a checkpoint folder: local path, or a path inside the storage filesystem
     resume_in_storage: bool
     storage_filesystem: Any      # a pyarrow.fs.FileSystem
@@ -50,7 +53,12 @@ class RunSpec:
     threads_per_worker: int
     dataset_rows: dict           # Ray Data datasets: rows per dataset (counted once on the driver)
     fit_id: str = ""             # tells this fit's checkpoints from an earlier fit's in the same run folder
+    train_call: tuple = (None, None)  # train()'s own (trial, ignore_keys_for_eval)
     eval_call: tuple | None = None  # (method, dataset, ignore_keys, prefix) for run_eval_on_ray
+    driver_state: Any = None     # the driver's TrainerState (evaluate/predict log at its step)
+    events: Any = None           # the driver's EventBox actor: rank 0 streams callback events to it
+    driver_cwd: str = ""         # relative paths resolve here on the driver's machine
+    driver_host: str = ""
     submitted_at: float = 0.0    # driver's time.time() at fit(): workers log their start-up latency
 
 
@@ -75,17 +83,20 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
             )
         resume_in_storage = True
 
-    init_kwargs = _worker_init_kwargs(trainer, train_dataset=None if datasets else trainer._init_kwargs["train_dataset"])
+    overrides = {"train_dataset": None} if datasets else {}
     if trainer.model_init is not None:
-        init_kwargs["model"] = None  # each worker calls model_init itself
-    check_picklable(init_kwargs)
-    spec = _spec(trainer, init_kwargs, fs, run_dir, name, resume=resume, resume_in_storage=resume_in_storage,
+        overrides["model"] = None  # each worker calls model_init itself
+    blueprint = _blueprint(trainer, **overrides)
+    spec = _spec(trainer, blueprint, fs, run_dir, name, resume=resume, resume_in_storage=resume_in_storage,
                  dataset_rows=None, datasets=datasets)
-    keep = args.save_total_limit
-    if keep is not None and args.load_best_model_at_end:
-        keep += 1  # the best is kept on top of the latest ones, as transformers does
-    _fit(args, worker_main, spec, name, base, fs, datasets, keep)
-    return load_results(trainer, fs, run_dir)
+    spec.train_call = (trial, ignore_keys_for_eval)
+    with DriverStream(trainer) as stream:
+        spec.events = stream.box
+        _fit(args, worker_main, spec, name, base, fs, datasets)
+    output = load_results(trainer, fs, run_dir)
+    if stream.final_state is not None:
+        apply_final_state(trainer, stream.final_state)
+    return output
 
 
 def run_eval_on_ray(trainer, method: str, dataset, ignore_keys, metric_key_prefix):
@@ -97,13 +108,16 @@ def run_eval_on_ray(trainer, method: str, dataset, ignore_keys, metric_key_prefi
     storage_path, name = storage_location(args)
     name = f"{name}_{method}"  # its own Ray run: the training run's checkpoint state stays untouched
     fs, base, run_dir = _storage_for(args, storage_path, name)
-    init_kwargs = _worker_init_kwargs(trainer, train_dataset=None)
-    init_kwargs.update(model=trainer.model, model_init=None)
-    check_picklable(init_kwargs)
-    spec = _spec(trainer, init_kwargs, fs, run_dir, name, resume=None, resume_in_storage=False,
+    blueprint = _blueprint(trainer, train_dataset=None, model=trainer.model, model_init=None)
+    spec = _spec(trainer, blueprint, fs, run_dir, name, resume=None, resume_in_storage=False,
                  dataset_rows=None, datasets={})
     spec.eval_call = (method, dataset, ignore_keys, metric_key_prefix)
-    _fit(args, eval_worker_main, spec, name, base, fs, {}, None)
+    spec.driver_state = trainer.state
+    with DriverStream(trainer, display=False) as stream:
+        spec.events = stream.box
+        _fit(args, eval_worker_main, spec, name, base, fs, {})
+    if stream.final_state is not None:
+        apply_final_state(trainer, stream.final_state)
     local = tempfile.mkdtemp(prefix="raytrainer-eval-")
     try:
         storage.download_dir(fs, f"{run_dir}/{EVAL_RESULT}", local)
@@ -121,32 +135,33 @@ def _storage_for(args, storage_path, name):
     return fs, base, storage.join_path(base, name)
 
 
-def _worker_init_kwargs(trainer, train_dataset) -> dict:
-    init_kwargs = dict(trainer._init_kwargs, train_dataset=train_dataset, model=trainer.model)
-    if init_kwargs.get("optimizers", (None, None)) != (None, None):
+def _blueprint(trainer, **overrides) -> TrainerBlueprint:
+    if trainer._user_optimizers:
         raise ValueError(
             "optimizers=(optimizer, scheduler) holds objects bound to the driver's model and cannot move to Ray "
             "workers; pass optimizer_cls_and_kwargs=(torch.optim.AdamW, {...}) or override create_optimizer()."
         )
-    return init_kwargs
+    blueprint = TrainerBlueprint.of(trainer, **overrides)
+    check_picklable(blueprint.named_values())
+    return blueprint
 
 
-def _spec(trainer, init_kwargs, fs, run_dir, name, *, resume, resume_in_storage, dataset_rows, datasets):
+def _spec(trainer, blueprint, fs, run_dir, name, *, resume, resume_in_storage, dataset_rows, datasets):
     args = trainer.args
     _ensure_ray()
     cpus = (args.resources_per_worker or {}).get("CPU", 1)
     check_capacity(args, cpus)
     return RunSpec(
-        trainer_cls=type(trainer), init_kwargs=init_kwargs, resume=resume, resume_in_storage=resume_in_storage,
+        blueprint=blueprint, resume=resume, resume_in_storage=resume_in_storage,
         storage_filesystem=fs, run_dir=run_dir, name=name, threads_per_worker=max(1, int(cpus)),
         dataset_rows=dataset_rows or {k: v.count() for k, v in datasets.items()}, fit_id=uuid.uuid4().hex,
-        submitted_at=time.time(),
+        driver_cwd=os.getcwd(), driver_host=socket.gethostname(), submitted_at=time.time(),
     )
 
 
-def _fit(args, entry, spec, name, base, fs, datasets, keep):
+def _fit(args, entry, spec, name, base, fs, datasets):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     data_config = None
     if datasets:
@@ -166,10 +181,12 @@ def _fit(args, entry, spec, name, base, fs, datasets, keep):
         run_config=RunConfig(
             name=name, storage_path=base, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep),
+            # Ray keeps every checkpoint; rank 0 rotates them as transformers does (newest N plus the best)
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
         datasets=datasets or None,
         dataset_config=data_config,
+        torch_config=TorchConfig(backend=args.ddp_backend, timeout_s=args.ddp_timeout),
     )
     try:
         torch_trainer.fit()
@@ -335,6 +352,14 @@ def load_results(trainer, fs, run_dir):
 def _load_weights(model, folder):
     from safetensors.torch import load_file
 
+    adapter = os.path.join(folder, "adapter_model.safetensors")
+    if os.path.isfile(adapter) and hasattr(model, "peft_config"):  # a PEFT model saves its adapters only
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        if result.unexpected_keys:
+            raise RuntimeError(f"the workers' final adapter does not fit the driver's model: {result.unexpected_keys[:5]}")
+        return
     state = load_file(os.path.join(folder, "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     # tied weights (e.g. GPT-2's lm_head) are saved once by save_pretrained and tied again below
@@ -355,7 +380,8 @@ def worker_main(config):
     spec: RunSpec = config["spec"]
     entered = time.time()
     trainer = _build_worker_trainer(spec)
-    if dist.get_rank() == 0:
+    rank = dist.get_rank()
+    if rank == 0:
         logger.warning("raytrainer: worker 0 started %.1f s after fit(); Trainer built in %.1f s",
                        entered - spec.submitted_at, time.time() - entered)
     trainer._fit_id = spec.fit_id
@@ -369,13 +395,16 @@ def worker_main(config):
             resume = local
     if resume is None and spec.resume is not None:
         resume = _fetch_checkpoint(spec, spec.resume) if spec.resume_in_storage else spec.resume
-    trainer.train(resume_from_checkpoint=resume)
+    trial, ignore_keys_for_eval = spec.train_call
+    trainer.train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
-    if dist.get_rank() == 0:
+    if rank == 0:
+        trainer._ray.after_training(trainer)
         final = os.path.join(tempfile.mkdtemp(prefix="raytrainer-final-"), FINAL_MODEL)
         trainer.save_model(final)
         trainer.state.save_to_json(os.path.join(final, TRAINER_STATE))
         _upload(spec, final, FINAL_MODEL)
+        _send_final_state(spec, trainer)
     dist.barrier()
 
 
@@ -384,6 +413,7 @@ def eval_worker_main(config):
 
     spec: RunSpec = config["spec"]
     trainer = _build_worker_trainer(spec)
+    trainer.state = spec.driver_state
     method, dataset, ignore_keys, prefix = spec.eval_call
     if method == "evaluate":
         result = trainer.evaluate(eval_dataset=dataset, ignore_keys=ignore_keys, metric_key_prefix=prefix)
@@ -394,7 +424,17 @@ def eval_worker_main(config):
         os.makedirs(folder)
         torch.save(result, os.path.join(folder, "result.pt"))
         _upload(spec, folder, EVAL_RESULT)
+        _send_final_state(spec, trainer)
     dist.barrier()
+
+
+def _send_final_state(spec: RunSpec, trainer) -> None:
+    import ray
+
+    if spec.events is not None:
+        trainer.callback_handler.callbacks = [c for c in trainer.callback_handler.callbacks
+                                              if not isinstance(c, StreamToDriver)]
+        ray.get(spec.events.put.remote(("final_state", final_state(trainer), {})))
 
 
 def _upload(spec: RunSpec, local_dir: str, name: str) -> None:
@@ -408,23 +448,29 @@ def _build_worker_trainer(spec: RunSpec):
     import torch.distributed as dist
 
     torch.set_num_threads(spec.threads_per_worker)  # Ray sets OMP_NUM_THREADS; give torch what we were allotted
-    args = copy.copy(spec.init_kwargs["args"])
+    if socket.gethostname() == spec.driver_host and os.path.isdir(spec.driver_cwd):
+        # relative paths (output_dir, logging_dir, a callback's files) mean what they mean on the driver
+        os.chdir(spec.driver_cwd)
+    blueprint = copy.copy(spec.blueprint)
+    args = copy.copy(blueprint.ctor["args"])
     # the driver's cached device / accelerate state describe the driver, not this worker
     args.__dict__.pop("_setup_devices", None)
     args.distributed_state = None
     if not (args.use_gpu and torch.cuda.is_available()):
         args.use_cpu = True  # accelerate reports MULTI_CPU (and gathers) only when told it is on CPU
     args.device  # re-detect: accelerate sees the process group Ray made
-    kwargs = dict(spec.init_kwargs, args=args)
+    blueprint.ctor = dict(blueprint.ctor, args=args)
     if "train" in spec.dataset_rows:
         from .data.ray_data import RayShard
 
-        kwargs["train_dataset"] = RayShard("train", spec.dataset_rows["train"], dist.get_world_size())
-    trainer = spec.trainer_cls(**kwargs)
+        blueprint.ctor["train_dataset"] = RayShard("train", spec.dataset_rows["train"], dist.get_world_size())
+    trainer = blueprint.build()
     trainer._in_worker = True
-    trainer._ray = WorkerRun(spec)
+    trainer._ray = WorkerRun(spec, args)
     # Ray's report is a barrier right after each save: the checkpoint must be on disk by then
     trainer._checkpoint_writer.background = False
+    if dist.get_rank() == 0 and spec.events is not None:
+        trainer.add_callback(StreamToDriver(spec.events))
     return trainer
 
 
@@ -443,22 +489,74 @@ def _fetch_checkpoint(spec: RunSpec, path_in_storage: str) -> str:
 
 
 class WorkerRun:
-    """What a Trainer inside a Ray worker does differently: where checkpoints go and how."""
+    """What a Trainer inside a Ray worker does differently: where checkpoints go and how.
 
-    def __init__(self, spec: RunSpec):
+    Rank 0 writes checkpoint-<step>/ where transformers users look for it, `output_dir`, so that
+    on_save callbacks (MLflow's artifact upload, a user's extra file) find it complete; then it is
+    reported to Ray, which copies it to the run folder in storage, and the local copy goes. When
+    the run folder *is* output_dir (no storage_path), the checkpoint is staged in a temporary
+    folder, reported first (Ray cannot copy a folder onto itself), and on_save finds the persisted one.
+    """
+
+    def __init__(self, spec: RunSpec, args):
+        import pyarrow.fs as pafs
+
         self.spec = spec
+        self.args = args
+        self.output_dir = os.path.abspath(args.output_dir)
+        self.same_folder = isinstance(spec.storage_filesystem, pafs.LocalFileSystem) and \
+            os.path.abspath(spec.run_dir) == self.output_dir
+        self._tmp_root = tempfile.mkdtemp(prefix="raytrainer-ckpt-")
+
+    def staging_dir(self, rank: int) -> str:
+        return self.output_dir if rank == 0 and not self.same_folder else self._tmp_root
 
     def checkpoint_path(self, step: int) -> str:
         """The persisted folder of checkpoint-<step> inside the storage filesystem."""
         return f"{self.spec.run_dir}/checkpoint-{step}"
 
-    def report(self, local_dir: str, metrics: dict) -> None:
+    def complete(self, trainer, pending) -> None:
+        """A checkpoint folder is written on this rank: report it, fire on_save, rotate (rank 0)."""
+        import torch.distributed as dist
+
+        if self.same_folder:
+            self._report(trainer, pending.final_dir)
+            trainer._fire_on_save(pending)
+        else:
+            trainer._fire_on_save(pending)
+            self._report(trainer, pending.final_dir)
+        if dist.get_rank() == 0 and self.args.save_total_limit:
+            self._rotate(trainer.state.best_model_checkpoint)
+
+    def _report(self, trainer, local_dir: str) -> None:
         import ray.train
 
         name = os.path.basename(local_dir)
+        metrics = {"step": trainer.state.global_step, **trainer._last_metrics}
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        # every rank reports the same number of times (Ray's report is a barrier)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_dir), checkpoint_dir_name=name)
-        shutil.rmtree(os.path.dirname(local_dir), ignore_errors=True)
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+    def _checkpoints_in_storage(self) -> dict[int, str]:
+        steps = {}
+        for name in storage.list_dirs(self.spec.storage_filesystem, self.spec.run_dir):
+            step = checkpoint_step(name)
+            if step is not None:
+                steps[step] = f"{self.spec.run_dir}/{name}"
+        return steps
+
+    def _rotate(self, best_in_storage: str | None) -> None:
+        for path in checkpoints_to_delete(self._checkpoints_in_storage(), self.args.save_total_limit, best_in_storage):
+            storage.delete_dir(self.spec.storage_filesystem, path)
+
+    def after_training(self, trainer) -> None:
+        """transformers' end of train(): with save_total_limit=1 only the best checkpoint stays."""
+        best = trainer.state.best_model_checkpoint
+        if self.args.save_total_limit == 1 and best is not None:
+            for path in self._checkpoints_in_storage().values():
+                if path != best:
+                    storage.delete_dir(self.spec.storage_filesystem, path)
 
     def fetch(self, path_in_storage: str) -> str:
         return _fetch_checkpoint(self.spec, path_in_storage)

@@ -21,7 +21,7 @@ import dataclasses
 import inspect
 import os
 import shutil
-import tempfile
+import threading
 import time
 
 import torch
@@ -34,6 +34,13 @@ from .checkpoint.writer import state_to_json, to_cpu
 from .loop import TrainingLoop, world_info
 
 RUN_META = "raytrainer_run.pt"  # world size and global batch of the run that wrote a checkpoint
+# attributes transformers' Trainer sets after __init__ (while training or evaluating): never the user's
+LAZY_BASE_ATTRS = {
+    "_signature_columns", "_trial", "_tr_loss", "_total_loss_scalar", "_globalstep_last_logged",
+    "_initial_num_input_tokens_seen", "_initial_global_step", "current_gradient_accumulation_steps",
+    "_eval_dataloaders", "_past", "_train_dataloader", "is_in_train", "hp_search_backend", "hp_space", "hp_name",
+    "objective", "compute_objective", "accelerator", "model_wrapped", "optimizer", "lr_scheduler",
+}
 
 
 def coerce_args(args) -> TrainingArguments:
@@ -62,14 +69,8 @@ class Trainer(transformers.Trainer):
         args.validate()
         if tokenizer is not None and processing_class is None:  # the older transformers name
             processing_class = tokenizer
-        # What a Ray worker needs to build this Trainer again on its side (see ray_run.py).
-        self._init_kwargs = dict(
-            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
-            compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
-            optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+        set_before = set(self.__dict__)  # a subclass may set attributes before calling us: those are its own
+        self._user_optimizers = optimizers != (None, None)
         self._in_worker = False
         self._ray = None  # a ray_run.WorkerRun inside a Ray worker
         self._resume_requested_latest = False
@@ -79,7 +80,7 @@ class Trainer(transformers.Trainer):
         self._flops_per_token = None
         self._training_step_takes_items = None  # signatures of the (possibly overridden) hooks, read once
         self._compute_loss_signature_ok = None
-        self._pending: list[str] = []  # checkpoint folders queued but not yet renamed into place
+        self._unfinished_saves: list[PendingSave] = []  # taken, on_save not fired yet (see _finish_saves)
         self._last_metrics: dict = {}  # the latest logged values, sent with each Ray checkpoint report
         # transformers asks a dataset without __len__ for max_steps; a Ray Dataset's length is counted later
         ray_data = _is_ray_dataset(train_dataset)
@@ -92,12 +93,19 @@ class Trainer(transformers.Trainer):
         )
         if ray_data:
             self.train_dataset = train_dataset
+        # on_save waits for the checkpoint folder to be complete (see SaveAwareCallbackHandler)
+        self.callback_handler.__class__ = SaveAwareCallbackHandler
+        self.callback_handler.trainer = self
+        # what transformers' and our __init__ set; anything else on the instance is the user's (crossing.py)
+        self._rt_base_attrs = None
+        self._rt_base_attrs = (set(self.__dict__) - set_before) | LAZY_BASE_ATTRS
 
     # ------------------------------------------------------------------ train
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if kwargs:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
         self.args.validate()
+        self._apply_logging_dir()
         if self.args.num_workers > 0 and not self._in_worker:
             from .ray_run import run_on_ray
 
@@ -123,8 +131,10 @@ class Trainer(transformers.Trainer):
             if dataset is None:
                 raise ValueError("Trainer: evaluation requires an eval_dataset.")
             metrics = run_eval_on_ray(self, "evaluate", dataset, ignore_keys, metric_key_prefix)
-            self.log(metrics)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            # the other callbacks saw on_log / on_evaluate on the workers (their state is back in them)
+            with self._display_callbacks_only():
+                self.log(metrics)
+                self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
@@ -133,9 +143,35 @@ class Trainer(transformers.Trainer):
             from .ray_run import run_eval_on_ray
 
             output = run_eval_on_ray(self, "predict", test_dataset, ignore_keys, metric_key_prefix)
-            self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
+            with self._display_callbacks_only():
+                self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
             return output
         return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    @contextlib.contextmanager
+    def _display_callbacks_only(self):
+        from .crossing import is_display_callback
+
+        handler = self.callback_handler
+        everyone = handler.callbacks
+        handler.callbacks = [cb for cb in everyone if is_display_callback(cb)]
+        try:
+            yield
+        finally:
+            handler.callbacks = everyone
+
+    def _apply_logging_dir(self) -> None:
+        """The older `logging_dir` field: where TensorBoard writes (transformers 4 did; 5 reads an env var)."""
+        if not self.args.logging_dir:
+            return
+        try:
+            from transformers.integrations import TensorBoardCallback
+        except ImportError:  # pragma: no cover
+            return
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, TensorBoardCallback) and cb.tb_writer is None:
+                # absolute: Ray workers run in another folder
+                cb.logging_dir = os.path.abspath(os.path.expanduser(self.args.logging_dir))
 
     def _resolve_resume(self, resume_from_checkpoint):
         if resume_from_checkpoint is False or resume_from_checkpoint is None:
@@ -231,7 +267,10 @@ class Trainer(transformers.Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
-        """Snapshot every state now; write `checkpoint-<step>/` atomically (in the background by default)."""
+        """Snapshot every state now; write `checkpoint-<step>/` atomically (in the background by default).
+
+        `on_save` fires once the folder is complete (`_finish_saves`), not when the snapshot is taken.
+        """
         t0 = time.perf_counter()
         try:
             self._snapshot_and_save(trial)
@@ -240,10 +279,8 @@ class Trainer(transformers.Trainer):
 
     def _snapshot_and_save(self, trial):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self._ray is not None:  # staged locally, persisted by Ray into <storage>/<run>/checkpoint-N
-            run_dir = tempfile.mkdtemp(prefix="raytrainer-ckpt-")
-        else:
-            run_dir = self._get_output_dir(trial=trial)
+        rank, world = world_info()
+        run_dir = self._ray.staging_dir(rank) if self._ray is not None else self._get_output_dir(trial=trial)
         final_dir = os.path.join(run_dir, name)
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
@@ -253,9 +290,8 @@ class Trainer(transformers.Trainer):
                 self.state.best_model_checkpoint = self._ray.checkpoint_path(self.state.best_global_step)
             else:
                 best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-                if best == final_dir or os.path.exists(best) or best in self._pending:
+                if best == final_dir or os.path.exists(best) or best in [p.final_dir for p in self._unfinished_saves]:
                     self.state.best_model_checkpoint = best
-        rank, world = world_info()
         for cb in [c for c in self.callback_handler.callbacks + [self.control]
                    if isinstance(c, transformers.trainer_callback.ExportableState)]:
             cb_name, cb_state = cb.__class__.__name__, cb.state()
@@ -263,18 +299,21 @@ class Trainer(transformers.Trainer):
                 self.state.stateful_callbacks[cb_name].append(cb_state)
             else:
                 self.state.stateful_callbacks[cb_name] = cb_state
-        # self.model is the bare module (DDP wraps model_wrapped); accelerate's unwrap_model would
-        # read package metadata on every call (~4 ms per save)
-        unwrapped = self.model
         snap = Snapshot(final_dir=final_dir, rng_file="rng_state.pth" if world == 1 else f"rng_state_{rank}.pth")
+        if self._saves_through_hooks():
+            # an overridden save_model/_save, or a PEFT model (adapter files only): transformers' own
+            # path, in the foreground, into the folder the writer will complete and rename
+            snap.tmp_dir = self._checkpoint_writer.tmp_dir_for(final_dir)
+            self.save_model(snap.tmp_dir, _internal_call=True)
+        elif rank == 0:
+            # self.model is the bare module (DDP wraps model_wrapped). Buffers (e.g. BatchNorm statistics)
+            # change in forward: copied now; parameters change only in optimizer.step, so their copy may
+            # wait for the writer thread (see below). The writer calls the trainer's own _save with it.
+            buffers = {n for n, _ in self.model.named_buffers()}
+            snap.model_state = {k: to_cpu(v) if k in buffers else v for k, v in self.model.state_dict().items()}
+            snap.save_model_fn = lambda out_dir, state_dict: self._save(out_dir, state_dict=state_dict)
         if rank == 0:
-            # buffers (e.g. BatchNorm statistics) change in forward: copied now; parameters change only in
-            # optimizer.step, so their copy may wait for the writer thread (see below)
-            buffers = {n for n, _ in unwrapped.named_buffers()}
-            snap.model_state = {k: to_cpu(v) if k in buffers else v for k, v in unwrapped.state_dict().items()}
-            snap.save_model_fn = self._model_saver(unwrapped)
             snap.trainer_state_json = state_to_json(self.state)
-            snap.training_args = self.args
             # the data position of a checkpoint is in optimizer steps of this global batch
             snap.extra_files[RUN_META] = {"world_size": world, "global_batch_size": self._global_batch_size(),
                                           "fit_id": self._fit_id}
@@ -284,20 +323,49 @@ class Trainer(transformers.Trainer):
                 snap.scheduler_state = copy.deepcopy(self.lr_scheduler.state_dict())
                 snap.scaler_state = self._strategy.scaler_state() if self._strategy else None
             snap.rng_state = _rng_state()
+        pending = PendingSave(final_dir=final_dir, run_dir=run_dir)
+        snap.after = lambda _: pending.written.set()
+        self._unfinished_saves.append(pending)
         if self._checkpoint_writer.background:
             # the writer thread copies parameters and optimizer state while the next forward/backward
             # runs; the loop waits for that copy before the next optimizer.step (wait_copied)
             snap.copy_fn = _copy_live_tensors
         else:
             _copy_live_tensors(snap)
-        if self._ray is not None:
-            # every rank reports the same number of times (Ray's report is a barrier), right after writing
-            self._checkpoint_writer.save(snap)
-            self._ray.report(final_dir, {"step": self.state.global_step, **self._last_metrics})
-            return
-        snap.after = lambda d: self._after_checkpoint_written(d, run_dir)
-        self._pending.append(final_dir)
         self._checkpoint_writer.save(snap)
+
+    def _saves_through_hooks(self) -> bool:
+        overridden = type(self)._save is not transformers.Trainer._save or \
+            type(self).save_model is not transformers.Trainer.save_model
+        return overridden or _is_peft_model(self.model)
+
+    def _finish_saves(self, block: bool) -> None:
+        """Fire on_save for every checkpoint whose folder is complete, in order; then rotate (or report to Ray).
+
+        The loop calls this at each step with block=False (nothing waits for a background write) and at
+        the end with block=True. A callback's on_save finds `checkpoint-<step>/` complete, and what it
+        writes there is kept (and persisted to Ray's storage with the checkpoint).
+        """
+        while self._unfinished_saves:
+            pending = self._unfinished_saves[0]
+            if not pending.written.is_set():
+                if not block:
+                    self._checkpoint_writer.raise_pending()
+                    return
+                self._checkpoint_writer.wait()
+            self._unfinished_saves.pop(0)
+            if self._ray is not None:
+                self._ray.complete(self, pending)
+                continue
+            self._fire_on_save(pending)
+            if self.args.should_save:
+                rotate_checkpoints(output_dir=pending.run_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    def _fire_on_save(self, pending: "PendingSave") -> None:
+        if pending.state is not None:  # None: _save_checkpoint called outside the loop, no on_save asked
+            self.control = transformers.trainer_callback.CallbackHandler.on_save(
+                self.callback_handler, self.args, pending.state, self.control)
 
     def log(self, logs, start_time=None):
         self._last_metrics = dict(logs)
@@ -324,36 +392,12 @@ class Trainer(transformers.Trainer):
                 "gradient_accumulation_steps so the global batch is the same, then resume."
             )
 
-    def _model_saver(self, unwrapped):
-        processing_class = self.processing_class
-        if processing_class is None and getattr(self.data_collator, "tokenizer", None) is not None:
-            processing_class = self.data_collator.tokenizer
-
-        def save(out_dir, state_dict):
-            if isinstance(unwrapped, transformers.PreTrainedModel):
-                unwrapped.save_pretrained(out_dir, state_dict=state_dict)
-            else:
-                from safetensors.torch import save_file
-
-                save_file(state_dict, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-            if processing_class is not None:
-                processing_class.save_pretrained(out_dir)
-
-        return save
-
-    def _after_checkpoint_written(self, final_dir, run_dir):
-        if final_dir in self._pending:
-            self._pending.remove(final_dir)
-        if self.args.should_save:
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-
     def wait_for_checkpoints(self) -> None:
         """Block until every checkpoint taken so far is on disk (they are written in the background)."""
-        self._checkpoint_writer.wait()
+        self._finish_saves(block=True)
 
     def _load_best_model(self):
-        self._checkpoint_writer.wait()
+        self._finish_saves(block=True)
         if self._ray is None:
             return super()._load_best_model()
         rank, _ = world_info()
@@ -366,6 +410,46 @@ class Trainer(transformers.Trainer):
         finally:
             shutil.rmtree(os.path.dirname(self.state.best_model_checkpoint), ignore_errors=True)
             self.state.best_model_checkpoint = in_storage
+
+
+@dataclasses.dataclass
+class PendingSave:
+    """A checkpoint taken by _save_checkpoint whose on_save has not fired yet."""
+
+    final_dir: str
+    run_dir: str
+    written: threading.Event = dataclasses.field(default_factory=threading.Event)
+    state: transformers.TrainerState | None = None  # the state at the save, for on_save
+
+
+class SaveAwareCallbackHandler(transformers.trainer_callback.CallbackHandler):
+    """transformers' CallbackHandler, with on_save held back until checkpoint-<step>/ is complete.
+
+    transformers calls on_save right after _save_checkpoint; with a background writer the folder is
+    not there yet. The state is copied now (callbacks read state.global_step to find the folder) and
+    the Trainer fires the real on_save from _finish_saves.
+    """
+
+    trainer = None
+
+    def on_save(self, args, state, control):
+        trainer = self.trainer
+        if trainer is None or not trainer._unfinished_saves or trainer._unfinished_saves[-1].state is not None:
+            return super().on_save(args, state, control)
+        trainer._unfinished_saves[-1].state = copy.deepcopy(state)
+        control.should_save = False  # as transformers' handler does at once: this save is taken
+        trainer.control = control
+        # a foreground write (Ray workers, save_in_background=False) is complete now: no delay at all
+        trainer._finish_saves(block=not trainer._checkpoint_writer.background)
+        return trainer.control
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
 
 
 def _copy_live_tensors(snap: Snapshot) -> None:

@@ -30,9 +30,9 @@ for _name in EVENTS:
     setattr(Recorder, _name, _record(_name))
 
 
-def _run(cls, args_cls, out, model):
+def _run(cls, args_cls, out, model, **extra):
     args = make_args(args_cls, out, eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3,
-                     num_train_epochs=2)
+                     num_train_epochs=2, **extra)
     rec = Recorder()
     trainer = cls(model=model, args=args, train_dataset=cls_examples(26), eval_dataset=cls_examples(16, seed=5),
                   callbacks=[rec])
@@ -47,7 +47,9 @@ def _run(cls, args_cls, out, model):
 def test_event_sequence_identical_to_transformers(tmp_path):
     model = tiny_bert()
     hf = _run(transformers.Trainer, transformers.TrainingArguments, tmp_path / "hf", clone(model))
-    rt = _run(raytrainer.Trainer, raytrainer.TrainingArguments, tmp_path / "rt", clone(model))
+    # foreground writes: on_save at transformers' very place (background: see test_background_on_save_order)
+    rt = _run(raytrainer.Trainer, raytrainer.TrainingArguments, tmp_path / "rt", clone(model),
+              save_in_background=False)
     counts = Counter(name for name, _ in rt)
     # 26 examples / batch 4 = 7 micro-batches per epoch, 2 accumulated per step -> 4 steps per epoch
     assert counts["on_init_end"] == 1
@@ -62,3 +64,16 @@ def test_event_sequence_identical_to_transformers(tmp_path):
     assert counts["on_log"] >= 8
     assert set(counts) <= set(EVENTS)
     assert rt == hf
+
+
+def test_background_on_save_order(tmp_path):
+    """With background writes on_save fires once the folder is complete: the same events with the same
+    states, each on_save moved at most to the start of a later step (never before its checkpoint exists)."""
+    model = tiny_bert()
+    hf = _run(transformers.Trainer, transformers.TrainingArguments, tmp_path / "hf", clone(model))
+    rt = _run(raytrainer.Trainer, raytrainer.TrainingArguments, tmp_path / "rt", clone(model))
+    assert [e for e in rt if e[0] != "on_save"] == [e for e in hf if e[0] != "on_save"]
+    assert [e for e in rt if e[0] == "on_save"] == [e for e in hf if e[0] == "on_save"]
+    for i, (name, step) in enumerate(rt):
+        if name == "on_save":  # after its own step ended, before training ended
+            assert rt.index(("on_step_end", step)) < i < rt.index(("on_train_end", 8))

@@ -15,7 +15,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 TRAINER_STATE = "trainer_state.json"
 TMP_PREFIX = "tmp-" + PREFIX_CHECKPOINT_DIR
 _NAME = re.compile(r"^" + PREFIX_CHECKPOINT_DIR + r"-(\d+)$")
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+            "adapter_model.safetensors", "adapter_model.bin")  # a PEFT model's checkpoint holds its adapters only
 
 
 def checkpoint_step(path: str) -> int | None:

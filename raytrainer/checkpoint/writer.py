@@ -55,7 +55,8 @@ class Snapshot:
     trainer_state_json: str | None = None
     training_args: Any = None
     extra_files: dict[str, Any] = field(default_factory=dict)  # name -> picklable object (torch.save)
-    after: Callable[[str], None] | None = None  # called with final_dir once renamed (rotation, upload)
+    after: Callable[[str], None] | None = None  # called with final_dir once renamed
+    tmp_dir: str | None = None  # already holds files (the trainer's own save_model wrote the weights there)
     # fills in copies of live tensors; run by the writer thread before anything is written
     copy_fn: Callable[["Snapshot"], None] | None = None
     copied: threading.Event = field(default_factory=threading.Event)
@@ -71,6 +72,7 @@ class CheckpointWriter:
         self.write_s = 0.0     # time spent writing files
         self.written: list[str] = []
         self._last_copy: threading.Event | None = None
+        self._tmp_count = 0
 
     # ------------------------------------------------------------------ API
     def save(self, snap: Snapshot) -> None:
@@ -83,6 +85,20 @@ class CheckpointWriter:
             self._thread = threading.Thread(target=self._run, name="raytrainer-checkpoint-writer", daemon=True)
             self._thread.start()
         self._queue.put(snap)
+
+    def tmp_dir_for(self, final_dir: str) -> str:
+        """A fresh, empty temporary folder next to final_dir (renamed to it once complete)."""
+        parent, name = os.path.split(os.path.normpath(final_dir))
+        # unique per save: the same step may be saved twice (a save step that also ends an epoch)
+        self._tmp_count += 1
+        tmp = os.path.join(parent, f"{TMP_PREFIX}-{name.rsplit('-', 1)[-1]}-{os.getpid()}-{self._tmp_count}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        return tmp
+
+    def raise_pending(self) -> None:
+        """Re-raise a background write's error now, without waiting."""
+        self._raise_pending()
 
     def wait_copied(self) -> None:
         """Block until the latest snapshot holds its own copies (call before tensors change again)."""
@@ -131,11 +147,7 @@ class CheckpointWriter:
         finally:  # set even on error, so the loop never waits forever; the error surfaces in wait()/save()
             snap.copied.set()
         t0 = time.perf_counter()
-        parent, name = os.path.split(os.path.normpath(snap.final_dir))
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f"{TMP_PREFIX}-{name.rsplit('-', 1)[-1]}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        tmp = snap.tmp_dir or self.tmp_dir_for(snap.final_dir)
         if snap.model_state is not None:
             if snap.save_model_fn is not None:
                 snap.save_model_fn(tmp, snap.model_state)

@@ -1,0 +1,165 @@
+"""How the driver's Trainer crosses to the Ray workers, and how rank 0's state comes back.
+
+Out (driver -> workers): a `TrainerBlueprint` is taken when `train()` / `evaluate()` / `predict()`
+is called, from the Trainer *as it stands then*: its current datasets, collator, compute_metrics,
+model_init, arguments, its current callback list (add/remove/pop_callback included) and every
+attribute a subclass or the user set on it. Each worker builds a Trainer of the same class from it
+(transformers' own __init__, with the subclass's __init__ skipped: its effects are in the copied
+attributes, and its signature may take arguments we do not have).
+
+Back (rank 0 -> driver): callbacks run on every rank, as under torchrun (TrainerControl works, and
+rank-gated callbacks such as MLflow's act once). At the end rank 0 pickles its callbacks, its
+compute_metrics and the user attributes; the driver pours that state *into its own objects* (same
+objects, updated in place), so a recorder callback or a compute_metrics closure that appends to a
+list holds what it would hold after transformers' train().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+from typing import Any
+
+import transformers
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+logger = logging.getLogger("raytrainer")
+
+# Constructor arguments that are plain attributes of a built Trainer (users reassign them).
+CTOR_ATTRS = ("model", "args", "data_collator", "train_dataset", "eval_dataset", "processing_class", "model_init",
+              "compute_loss_func", "compute_metrics", "preprocess_logits_for_metrics", "optimizer_cls_and_kwargs")
+
+
+def is_display_callback(cb) -> bool:
+    """Progress bars and printers: they run on the driver, fed by the workers' event stream."""
+    try:
+        from transformers.utils.notebook import NotebookProgressCallback
+    except ImportError:  # pragma: no cover
+        NotebookProgressCallback = ProgressCallback
+    return isinstance(cb, (ProgressCallback, PrinterCallback, NotebookProgressCallback))
+
+
+@dataclasses.dataclass
+class TrainerBlueprint:
+    trainer_cls: type
+    ctor: dict            # the CTOR_ATTRS values as they are now
+    callbacks: list       # the current callbacks, display callbacks left out
+    user_attrs: dict      # attributes not set by Trainer.__init__ (a subclass's own, or set by the user)
+
+    @classmethod
+    def of(cls, trainer, **overrides) -> "TrainerBlueprint":
+        ctor = {name: getattr(trainer, name, None) for name in CTOR_ATTRS}
+        ctor.update(overrides)
+        callbacks = [cb for cb in trainer.callback_handler.callbacks if not is_display_callback(cb)]
+        return cls(type(trainer), ctor, callbacks, user_attributes(trainer))
+
+    def build(self):
+        """On a worker: a Trainer of the user's class, as the driver's stood at the call."""
+        from .trainer import Trainer
+
+        trainer = self.trainer_cls.__new__(self.trainer_cls)
+        Trainer.__init__(trainer, callbacks=None, **self.ctor)
+        trainer.__dict__.update(self.user_attrs)
+        # the driver's list exactly (its defaults, report_to integrations, removals), minus display
+        trainer.callback_handler.callbacks = list(self.callbacks)
+        return trainer
+
+    def named_values(self) -> dict:
+        """Everything that must pickle, by the name a user knows it under (for error messages)."""
+        out = {k: v for k, v in self.ctor.items() if v is not None}
+        out.update({f"callbacks[{i}] ({type(cb).__name__})": cb for i, cb in enumerate(self.callbacks)})
+        out.update({f"trainer.{k}": v for k, v in self.user_attrs.items()})
+        return out
+
+
+def user_attributes(trainer) -> dict:
+    base = getattr(trainer, "_rt_base_attrs", set())
+    return {k: v for k, v in trainer.__dict__.items() if k not in base and k not in CTOR_ATTRS}
+
+
+# ---------------------------------------------------------------------------------- back to the driver
+def final_state(trainer) -> dict:
+    """Rank 0's observable state after a run, as picklable as we can make it."""
+    import ray.cloudpickle as cloudpickle
+
+    payload: dict[str, Any] = {"callbacks": [], "user_attrs": {}, "compute_metrics": None}
+    for cb in trainer.callback_handler.callbacks:
+        payload["callbacks"].append(_try_pickle(cb, f"callback {type(cb).__name__}", cloudpickle))
+    for key, value in user_attributes(trainer).items():
+        payload["user_attrs"][key] = _try_pickle(value, f"trainer.{key}", cloudpickle)
+    payload["compute_metrics"] = _try_pickle(trainer.compute_metrics, "compute_metrics", cloudpickle)
+    return payload
+
+
+_UNPICKLABLE = object()
+
+
+def _try_pickle(value, what, cloudpickle):
+    try:
+        cloudpickle.dumps(value)
+        return value
+    except Exception as e:  # noqa: BLE001 - the driver keeps its own copy of this one
+        logger.warning("raytrainer: %s's final state stays on the worker (%s: %s)", what, type(e).__name__, e)
+        return _UNPICKLABLE
+
+
+def apply_final_state(trainer, payload: dict) -> None:
+    """Pour rank 0's state into the driver's own callback objects, closures and attributes."""
+    workers = [cb for cb in payload["callbacks"] if cb is not _UNPICKLABLE]
+    mine = [cb for cb in trainer.callback_handler.callbacks if not is_display_callback(cb)]
+    theirs = [cb for cb in workers if not is_display_callback(cb)]
+    for dst, src in zip(mine, theirs):
+        if type(dst) is type(src):
+            merge_into(dst, src)
+    for key, value in payload["user_attrs"].items():
+        if value is _UNPICKLABLE:
+            continue
+        if key in trainer.__dict__ and merge_into(trainer.__dict__[key], value):
+            continue
+        trainer.__dict__[key] = value
+    if payload["compute_metrics"] is not _UNPICKLABLE and trainer.compute_metrics is not None:
+        merge_into(trainer.compute_metrics, payload["compute_metrics"])
+
+
+def merge_into(dst, src, depth: int = 0) -> bool:
+    """Update dst in place from src (same shape); True when done. Identity of dst is kept, so every
+    reference the user holds (a list passed to a callback, a closure's cell) sees the new contents."""
+    if depth > 4 or dst is src:
+        return False
+    if isinstance(dst, list) and isinstance(src, list):
+        dst[:] = src
+        return True
+    if isinstance(dst, dict) and isinstance(src, dict):
+        dst.clear()
+        dst.update(src)
+        return True
+    if isinstance(dst, set) and isinstance(src, set):
+        dst.clear()
+        dst.update(src)
+        return True
+    if isinstance(dst, types.MethodType) and isinstance(src, types.MethodType):
+        return merge_into(dst.__self__, src.__self__, depth + 1)
+    if isinstance(dst, types.FunctionType) and isinstance(src, types.FunctionType):
+        for d_cell, s_cell in zip(dst.__closure__ or (), src.__closure__ or ()):
+            try:
+                d_val, s_val = d_cell.cell_contents, s_cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if not merge_into(d_val, s_val, depth + 1) and _is_plain(s_val):
+                d_cell.cell_contents = s_val  # a counter rebound with `nonlocal`
+        return True
+    if isinstance(dst, (types.ModuleType, type, transformers.PreTrainedModel)) or not hasattr(dst, "__dict__"):
+        return False
+    if type(dst) is not type(src):
+        return False
+    for key, value in vars(src).items():
+        current = vars(dst).get(key)
+        if current is not None and merge_into(current, value, depth + 1):
+            continue
+        vars(dst)[key] = value
+    return True
+
+
+def _is_plain(value) -> bool:
+    return isinstance(value, (int, float, str, bool, bytes, type(None), tuple))

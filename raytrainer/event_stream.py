@@ -1,0 +1,122 @@
+"""Callback events from rank 0 to the driver, live: progress bars and printed logs show once, on the driver.
+
+Under Ray the display callbacks (ProgressCallback, PrinterCallback, notebook progress) stay on the
+driver; rank 0 carries a StreamToDriver callback instead, which posts the events they need
+(train begin/end, step end, log, evaluate, predict) to a small EventBox actor. A thread on the
+driver drains the box every quarter second and calls the driver's display callbacks, so logs appear
+as plain driver lines, not as worker tqdm escape codes. Rank 0's final callback state travels back
+the same way (crossing.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+from transformers import TrainerCallback, TrainerState
+
+from .crossing import is_display_callback
+
+STATE_FIELDS = ("global_step", "max_steps", "epoch", "num_train_epochs", "logging_steps", "eval_steps",
+                "save_steps", "train_batch_size", "best_metric", "best_global_step", "best_model_checkpoint")
+STEP_INTERVAL_S = 0.5  # at most two progress updates a second (the last step always goes)
+
+
+def _event_box_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class EventBox:
+        def __init__(self):
+            self.items = []
+
+        def put(self, item):
+            self.items.append(item)
+
+        def drain(self):
+            items, self.items = self.items, []
+            return items
+
+    return EventBox
+
+
+class StreamToDriver(TrainerCallback):
+    """On rank 0: post display events to the driver (fire and forget; the actor keeps their order)."""
+
+    def __init__(self, box):
+        self.box = box
+        self._last_step_sent = 0.0
+
+    def _post(self, event, state, **kwargs):
+        fields = {k: getattr(state, k, None) for k in STATE_FIELDS}
+        self.box.put.remote((event, fields, kwargs))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._post("on_train_begin", state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.monotonic()
+        if now - self._last_step_sent >= STEP_INTERVAL_S or state.global_step >= state.max_steps:
+            self._last_step_sent = now
+            self._post("on_step_end", state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._post("on_log", state, logs=dict(logs or {}))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self._post("on_evaluate", state, metrics=dict(metrics or {}))
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        self._post("on_predict", state, metrics=dict(metrics or {}))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._post("on_train_end", state)
+
+
+class DriverStream:
+    """`with DriverStream(trainer) as s:` around a Ray fit; afterwards s.final_state holds rank 0's state."""
+
+    def __init__(self, trainer, display: bool = True):
+        self.trainer = trainer
+        self.display = [cb for cb in trainer.callback_handler.callbacks if is_display_callback(cb)] if display else []
+        self.box = None
+        self.final_state = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        self.box = _event_box_class().remote()
+        self._thread = threading.Thread(target=self._pump, name="raytrainer-driver-stream", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import ray
+
+        self._stop.set()
+        self._thread.join()
+        try:
+            self._dispatch(ray.get(self.box.drain.remote()))  # whatever arrived after the last poll
+        finally:
+            ray.kill(self.box)
+        return False
+
+    def _pump(self):
+        import ray
+
+        while not self._stop.wait(0.25):
+            self._dispatch(ray.get(self.box.drain.remote()))
+
+    def _dispatch(self, items):
+        trainer = self.trainer
+        for event, fields, kwargs in items:
+            if event == "final_state":
+                self.final_state = fields
+                continue
+            state = copy.copy(trainer.state) if isinstance(trainer.state, TrainerState) else TrainerState()
+            for k, v in fields.items():
+                setattr(state, k, v)
+            state.is_world_process_zero = state.is_local_process_zero = True
+            for cb in self.display:
+                getattr(cb, event)(trainer.args, state, trainer.control, **kwargs)
