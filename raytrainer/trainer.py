@@ -19,6 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import logging
 import os
 import shutil
 import threading
@@ -33,6 +34,7 @@ from .checkpoint import CheckpointWriter, Snapshot, latest_checkpoint
 from .checkpoint.writer import state_to_json, to_cpu
 from .loop import TrainingLoop, world_info
 
+logger = logging.getLogger("raytrainer")
 RUN_META = "raytrainer_run.pt"  # world size and global batch of the run that wrote a checkpoint
 # attributes transformers' Trainer sets after __init__ (while training or evaluating): never the user's
 LAZY_BASE_ATTRS = {
@@ -105,6 +107,7 @@ class Trainer(transformers.Trainer):
         if kwargs:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
         self.args.validate()
+        self.args.check_supported()  # fields the loop does not honour (fields.py): refused here, not at construction
         self._apply_logging_dir()
         if self.args.num_workers > 0 and not self._in_worker:
             from .ray_run import run_on_ray
@@ -173,6 +176,41 @@ class Trainer(transformers.Trainer):
                 # absolute: Ray workers run in another folder
                 cb.logging_dir = os.path.abspath(os.path.expanduser(self.args.logging_dir))
 
+    # ------------------------------------------------------------------ the Hub
+    def init_hf_repo(self, token=None, private=None):
+        """transformers' repo creation; without a network, one clear line and training goes on."""
+        self._hub_unreachable = None
+        if self._in_worker:  # under Ray the driver pushes (save_model / push_to_hub); workers never do
+            return None
+        try:
+            return super().init_hf_repo(token=token, private=private)
+        except Exception as e:  # noqa: BLE001 - offline mode, no route, bad token: all mean "not now"
+            self._hub_unreachable = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            self.hub_model_id = None
+            logger.warning("push_to_hub: the Hugging Face Hub is unreachable (%s); training goes on, the model and "
+                           "its card are saved in output_dir=%s; push later with trainer.push_to_hub().",
+                           self._hub_unreachable, self.args.output_dir)
+            return None
+
+    def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, **kwargs):
+        if getattr(self, "_hub_unreachable", None) is None and self.hub_model_id is None and not self._in_worker:
+            self.init_hf_repo(token=token)
+        if self._in_worker or getattr(self, "_hub_unreachable", None):
+            # what push_to_hub would upload stays on disk: the model (saved by the caller) and its card
+            self.create_model_card(model_name=self.args.hub_model_id or os.path.basename(
+                os.path.abspath(self.args.output_dir)), **{k: v for k, v in kwargs.items() if k in _CARD_ARGS})
+            if not self._in_worker:
+                logger.warning("push_to_hub: not pushed (the Hub is unreachable); model card written to %s",
+                               os.path.join(self.args.output_dir, "README.md"))
+            return None
+        return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token,
+                                   revision=revision, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        if getattr(self, "_hub_unreachable", None) or self._in_worker or self.hub_model_id is None:
+            return None
+        return super()._push_from_checkpoint(checkpoint_folder)
+
     def _resolve_resume(self, resume_from_checkpoint):
         if resume_from_checkpoint is False or resume_from_checkpoint is None:
             return None
@@ -185,11 +223,16 @@ class Trainer(transformers.Trainer):
                 )
             return found
         if not os.path.isdir(resume_from_checkpoint):
-            raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r} is not a folder.")
+            # transformers' own message (its _load_from_checkpoint), so code that matches on it keeps working
+            raise ValueError(f"Can't find a valid checkpoint at {resume_from_checkpoint}")
         return resume_from_checkpoint
 
     def _inner_training_loop(self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None,
                              ignore_keys_for_eval=None):
+        if self.args.auto_find_batch_size and batch_size is not None:
+            # transformers' train() retries this with a smaller batch_size after an out-of-memory error
+            self._train_batch_size = batch_size
+            self.model_wrapped = self.model  # the next attempt wraps the bare model again
         return TrainingLoop(self).run(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     # ------------------------------------------------------------------ the step
@@ -219,6 +262,15 @@ class Trainer(transformers.Trainer):
                 loss = self.compute_loss(model, inputs)
                 num_items_in_batch = None
         del inputs
+        steps = self.args.torch_empty_cache_steps
+        if steps is not None and self.state.global_step % steps == 0:
+            from accelerate.utils.memory import clear_device_cache
+
+            clear_device_cache()  # as transformers does: less fragmentation, at some speed
+            if torch.backends.mps.is_available() and hasattr(torch.mps, "clear_graph_cache"):
+                torch.mps.clear_graph_cache()
+        if self.args.n_gpu > 1:
+            loss = loss.mean()  # nn.DataParallel returns one loss per GPU
         if self.loss_is_scaled_for_ga is not None:
             scaled = self.loss_is_scaled_for_ga
         else:
@@ -363,6 +415,8 @@ class Trainer(transformers.Trainer):
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     def _fire_on_save(self, pending: "PendingSave") -> None:
+        if self.args.push_to_hub and os.path.isdir(pending.final_dir):  # as transformers' _save_checkpoint
+            self._push_from_checkpoint(pending.final_dir)
         if pending.state is not None:  # None: _save_checkpoint called outside the loop, no on_save asked
             self.control = transformers.trainer_callback.CallbackHandler.on_save(
                 self.callback_handler, self.args, pending.state, self.control)
@@ -442,6 +496,10 @@ class SaveAwareCallbackHandler(transformers.trainer_callback.CallbackHandler):
         # a foreground write (Ray workers, save_in_background=False) is complete now: no delay at all
         trainer._finish_saves(block=not trainer._checkpoint_writer.background)
         return trainer.control
+
+
+_CARD_ARGS = ("language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags", "dataset",
+              "dataset_args")
 
 
 def _is_peft_model(model) -> bool:

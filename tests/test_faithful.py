@@ -64,9 +64,15 @@ class RTMarked(MarkerMixin, raytrainer.Trainer):
 class Recorder(transformers.TrainerCallback):
     """Records on_log entries and, in on_save, whether checkpoint-<step> is complete; writes a file there."""
 
-    def __init__(self):
+    def __init__(self, relative_file=None):
         self.logs: list[dict] = []
         self.saves: list[tuple[int, bool]] = []
+        self.relative_file = relative_file  # written at the end, relative to the working directory
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.relative_file and state.is_world_process_zero:
+            with open(self.relative_file, "w") as f:
+                f.write("done")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero:
@@ -98,15 +104,15 @@ def counting_metrics():
     return compute_metrics, calls
 
 
-def run_scenario(kind: str, out, workers: int = 0):
+def run_scenario(kind: str, out, workers: int = 0, recorder=None, **rt_extra):
     trainer_cls, args_cls = (HFMarked, transformers.TrainingArguments) if kind == "hf" else \
         (RTMarked, raytrainer.TrainingArguments)
-    extra = {"num_workers": workers} if kind == "rt" else {}
+    extra = {"report_to": "none", "num_workers": workers, **rt_extra} if kind == "rt" else {"report_to": "none"}
     args = args_cls(
         output_dir=str(out), per_device_train_batch_size=4 // max(workers, 1), per_device_eval_batch_size=4,
         num_train_epochs=2, learning_rate=5e-3, logging_steps=1, eval_strategy="steps", eval_steps=2,
         save_strategy="steps", save_steps=2, save_total_limit=1, load_best_model_at_end=True,
-        metric_for_best_model="earliness", greater_is_better=True, seed=42, report_to="none",
+        metric_for_best_model="earliness", greater_is_better=True, seed=42,
         disable_tqdm=True, use_cpu=True, **extra,
     )
     trainer = trainer_cls(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=lm_examples(8),
@@ -117,7 +123,7 @@ def run_scenario(kind: str, out, workers: int = 0):
     trainer.compute_metrics, calls = counting_metrics()
     trainer.marker_text = "set after construction"
     trainer.seen_ignore_keys = []
-    recorder = Recorder()
+    recorder = recorder or Recorder()
     trainer.add_callback(recorder)
     trainer.add_callback(transformers.EarlyStoppingCallback(early_stopping_patience=2))
     trainer.train(ignore_keys_for_eval=["hidden_states"])
@@ -180,11 +186,16 @@ def test_in_process_matches_transformers(hf_run, tmp_path):
 
 
 @pytest.mark.ray
-def test_two_ray_workers_match_transformers(ray_cluster, hf_run, tmp_path):
-    trainer, recorder, calls = run_scenario("rt", tmp_path / "run", workers=2)
+def test_two_ray_workers_match_transformers(ray_cluster, hf_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # relative paths below mean tmp_path on the driver, and on the workers
+    trainer, recorder, calls = run_scenario("rt", "run", workers=2, recorder=Recorder("recorder_done.txt"),
+                                            report_to=["tensorboard"], logging_dir="tb_logs")
     assert_faithful(trainer, recorder, calls, hf_run, rtol=1e-4)
-    # both ranks ran the callbacks (on_save fired on each); the driver's recorder holds rank 0's state
-    assert len(recorder.saves) == len(hf_run[1].saves)
+    assert (tmp_path / "recorder_done.txt").read_text() == "done"
+    assert list((tmp_path / "tb_logs").glob("events.out.tfevents.*"))  # logging_dir honoured, relative to the driver
+    # the driver printed each training log line once (PrinterCallback, fed by rank 0's event stream)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{'loss'")]
+    assert len(printed) == 6, printed
 
 
 # ---------------------------------------------------------------------------------------------- PEFT
@@ -245,3 +256,20 @@ def test_peft_under_ray_with_a_separate_storage_path(ray_cluster, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in adapter_weights(trainer.model).items())
     assert not checkpoint_folders(tmp_path / "out")  # staging copies are gone once persisted
     assert trainer.state.global_step == 6 and trainer.state.best_model_checkpoint.endswith("lora/checkpoint-2")
+
+
+# ---------------------------------------------------------------------------------------------- the Hub
+def test_push_to_hub_without_network_says_so_once_and_keeps_the_card(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = raytrainer.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                                        push_to_hub=True, hub_model_id="someone/tiny", report_to="none",
+                                        disable_tqdm=True, save_strategy="no")
+    with caplog.at_level("WARNING", logger="raytrainer"):
+        trainer = raytrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(8))
+        trainer.train()
+        trainer.save_model()  # transformers pushes here: the model stays on disk, the card is written
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("push_to_hub")]
+    assert len(lines) == 2 and "unreachable" in lines[0], lines
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "someone/tiny" in card or "tiny" in card
