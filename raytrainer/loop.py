@@ -6,7 +6,8 @@ callback events, same loss normalisation, same logged values, see events.py) and
 transformers is slow or inexact:
 
 * data: a sampler whose order is a function of (seed, epoch); resume slices the order, it does not
-  iterate skipped batches;
+  iterate skipped batches (a subclass's own get_train_dataloader / _get_train_sampler, and the
+  group_by_length / batch_rebalance strategies, use transformers' dataloader and read past them);
 * the strategy object owns wrapping, backward, no_sync, clipping and the optimizer step;
 * checkpoints are snapshotted in memory and written atomically in the background (checkpoint/).
 """
@@ -14,18 +15,29 @@ transformers is slow or inexact:
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+import transformers
 from torch.utils.data import DataLoader
+from transformers.data.data_collator import default_data_collator
+from transformers.trainer_pt_utils import get_model_param_count
 from transformers.trainer_utils import seed_worker
+from transformers.utils import logging as hf_logging
 
 from .data import ResumableBatchSampler
 from .data.ray_data import RayShard, RayShardLoader
 from .strategies import build_strategy
+
+logger = logging.getLogger(__name__)
+# transformers' own logger: the "***** Running training *****" banner reads as it does under transformers.Trainer
+hf_trainer_logger = hf_logging.get_logger("transformers.trainer")
+# train_sampling_strategy values our resumable sampler reproduces (shuffle or not); others are transformers'
+OWN_SAMPLING = {"random": True, None: True, "sequential": False}
 
 
 def world_info() -> tuple[int, int]:
@@ -37,6 +49,34 @@ def world_info() -> tuple[int, int]:
 def is_map_style(dataset) -> bool:
     return not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "__len__") \
         and hasattr(dataset, "__getitem__")
+
+
+def overrides_data_hooks(trainer) -> bool:
+    """True when a subclass builds its own training dataloader or sampler (a weighted or curriculum
+    sampler...): the loop must then use it, as transformers.Trainer would, instead of our sampler."""
+    from .trainer import Trainer as RayTrainer  # loop.py is imported by trainer.py
+
+    for name in ("get_train_dataloader", "_get_train_sampler"):
+        fn = getattr(type(trainer), name)
+        if fn is not getattr(transformers.Trainer, name) and fn is not getattr(RayTrainer, name):
+            return True
+    return False
+
+
+def apply_tf32(args) -> None:
+    """transformers sets TF32 in TrainingArguments.__post_init__, on the driver; the driver may have no GPU,
+    so the process that trains (this one) applies it, with transformers' rule and error."""
+    from transformers.utils.import_utils import enable_tf32, is_torch_tf32_available
+
+    enable = getattr(enable_tf32, "__wrapped__", enable_tf32)  # transformers caches it: (True) after (False) no-ops
+    # transformers turns TF32 on to speed up torch.compile (its condition, precedence included)
+    if args.torch_compile and ((args.tf32 is None and not args.fp16) or args.bf16) and is_torch_tf32_available():
+        enable(True)
+    if args.tf32 is not None:
+        if args.tf32 and not is_torch_tf32_available():
+            raise ValueError("--tf32 requires Ampere or a newer GPU arch, cuda>=11 and torch>=1.7")
+        if args.tf32 or is_torch_tf32_available():
+            enable(bool(args.tf32))
 
 
 class TrainingLoop:
@@ -59,9 +99,18 @@ class TrainingLoop:
         if isinstance(dataset, RayShard):
             t._set_signature_columns_if_needed()
             columns = None if not args.remove_unused_columns else set(t._signature_columns)
-            loader = RayShardLoader(dataset, t._train_batch_size, columns, drop_last=args.dataloader_drop_last)
+            # a collator the user chose (or transformers' padding one for a tokenizer) is applied to the rows;
+            # the default one would only stack what Ray Data has already stacked
+            collate = t.data_collator if t.data_collator is not default_data_collator else None
+            loader = RayShardLoader(dataset, t._train_batch_size, columns, drop_last=args.dataloader_drop_last,
+                                    collate_fn=collate)
             return loader, loader
-        if not is_map_style(dataset):
+        sampling = getattr(args, "train_sampling_strategy", "random")
+        if getattr(args, "group_by_length", False):  # transformers 4's name of this strategy
+            sampling = "group_by_length"
+        if not is_map_style(dataset) or sampling not in OWN_SAMPLING or overrides_data_hooks(t):
+            # transformers' own dataloader (it calls the subclass's _get_train_sampler, builds the
+            # LengthGroupedSampler...): its order is the user's, so resume consumes the skipped batches
             return t.get_train_dataloader(), None
         collator = t.data_collator
         try:
@@ -76,7 +125,7 @@ class TrainingLoop:
         seed = args.data_seed if args.data_seed is not None else args.seed
         sampler = ResumableBatchSampler(
             len(dataset), t._train_batch_size, seed, rank=self.rank, world_size=self.world_size,
-            drop_last=args.dataloader_drop_last,
+            shuffle=OWN_SAMPLING[sampling], drop_last=args.dataloader_drop_last,
         )
         params = dict(
             batch_sampler=sampler,
@@ -85,16 +134,22 @@ class TrainingLoop:
             pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
             persistent_workers=args.dataloader_persistent_workers,
             prefetch_factor=args.dataloader_prefetch_factor,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
             worker_init_fn=functools.partial(seed_worker, num_workers=args.dataloader_num_workers, rank=self.rank),
         )
-        if args.dataloader_num_workers == 0:
-            params.pop("prefetch_factor")
-            params.pop("worker_init_fn")
+        if args.dataloader_num_workers == 0:  # options of worker processes; DataLoader refuses them without
+            for name in ("prefetch_factor", "worker_init_fn", "multiprocessing_context"):
+                params.pop(name)
         return DataLoader(dataset, **params), sampler
 
     # ------------------------------------------------------------------ run
     def run(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         t, args = self.t, self.args
+        apply_tf32(args)
+        if args.auto_find_batch_size and self.world_size > 1:
+            # an out-of-memory error on one rank would leave the others waiting in a collective
+            raise ValueError("auto_find_batch_size=True needs num_workers <= 1: the workers cannot retry a smaller "
+                             "batch together; set per_device_train_batch_size.")
         t.accelerator.free_memory()
         train_dataloader, sampler = self.build_train_dataloader()
         (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples,
@@ -107,7 +162,7 @@ class TrainingLoop:
 
         # --- model, optimizer, scheduler, under the strategy ---
         device = args.device
-        strategy = build_strategy(args, device)
+        strategy = build_strategy(args, device, t.model)
         t._strategy = strategy
         if t._created_lr_scheduler:
             t.lr_scheduler = None
@@ -115,6 +170,11 @@ class TrainingLoop:
         t.model.to(device)
         t.create_optimizer()
         model = strategy.setup_model(t.model)
+        if args.torch_compile:
+            # compiled last, around the wrapper, as accelerate does; t.model stays the bare module, so
+            # checkpoints keep clean parameter names (no "_orig_mod.")
+            model = torch.compile(model, backend=args.torch_compile_backend or "inductor",
+                                  mode=args.torch_compile_mode)
         t.create_scheduler(num_training_steps=max_steps, optimizer=t.optimizer)
         t.model_wrapped = model
         if resume_from_checkpoint is not None:
@@ -125,6 +185,8 @@ class TrainingLoop:
         for attr in ("model", "optimizer", "lr_scheduler"):
             setattr(t.callback_handler, attr, getattr(t, attr))
         t.callback_handler.train_dataloader = train_dataloader
+        self.log_banner(model, num_examples, num_train_epochs, num_update_steps_per_epoch, total_train_batch_size,
+                        max_steps, resume_from_checkpoint, epochs_trained, steps_trained_in_current_epoch)
 
         start_time = time.time()
         t._initial_num_input_tokens_seen = t.state.num_input_tokens_seen
@@ -150,6 +212,28 @@ class TrainingLoop:
         t._finish_saves(block=True)  # every checkpoint complete, its on_save fired, rotation done
         return t._finalize_training(trial, num_train_samples, start_time)
 
+    def log_banner(self, model, num_examples, num_train_epochs, num_update_steps_per_epoch, total_train_batch_size,
+                   max_steps, resume_from_checkpoint, epochs_trained, steps_trained_in_current_epoch):
+        """transformers' "***** Running training *****" lines, word for word, on its logger."""
+        t, args, log = self.t, self.args, hf_trainer_logger.info
+        log("***** Running training *****")
+        log(f"  Num examples = {num_examples:,}")
+        log(f"  Num Epochs = {num_train_epochs:,}")
+        log(f"  Num update steps per epoch = {num_update_steps_per_epoch:,}")
+        log(f"  Instantaneous batch size per device = {args.per_device_train_batch_size:,}")
+        if args.per_device_train_batch_size != t._train_batch_size:
+            log(f"  Training with DataParallel so batch size has been adjusted to: {t._train_batch_size:,}")
+        log(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_train_batch_size:,}")
+        log(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+        log(f"  Total optimization steps = {max_steps:,}")
+        log(f"  Number of trainable parameters = {get_model_param_count(model, trainable_only=True):,}")
+        if resume_from_checkpoint is not None:
+            log(f"  Resuming training from checkpoint with epoch {epochs_trained} and global step "
+                f"{t.state.global_step}")
+            if not args.ignore_data_skip:
+                log(f"  Fast-forwarding the dataloader past {epochs_trained} epochs and"
+                    f" {steps_trained_in_current_epoch} batches to resume from the exact training state.")
+
     # ------------------------------------------------------------------ one epoch
     def run_epoch(self, model, strategy, epoch, dataloader, sampler, steps_in_epoch, updates_per_epoch,
                   skip_batches, resume_dir, trial, ignore_keys_for_eval, start_time):
@@ -169,8 +253,17 @@ class TrainingLoop:
         else:
             if hasattr(dataloader, "set_epoch"):
                 dataloader.set_epoch(epoch)
+            # accelerate's DataLoaderShard does not forward set_epoch to a batch sampler it wraps (transformers too)
+            inner = getattr(getattr(dataloader, "batch_sampler", None), "batch_sampler", None)
+            if hasattr(inner, "set_epoch"):
+                inner.set_epoch(epoch)
             epoch_iterator = iter(dataloader)
-            for _ in range(skip_batches):  # streams cannot seek: consume (issue "Ray Train" replaces this)
+            if skip_batches:
+                # the user's dataloader / sampler (or a stream) cannot seek: the skipped batches are read
+                logger.warning("raytrainer: resuming in epoch %d by reading and discarding its first %d batches "
+                               "(a custom dataloader, sampler or stream cannot be positioned directly)",
+                               epoch, skip_batches)
+            for _ in range(skip_batches):
                 next(epoch_iterator, None)
         if resume_dir is not None and skip_batches > 0:
             step = skip_batches - 1
@@ -199,11 +292,14 @@ class TrainingLoop:
                 else:
                     t._tr_loss += tr_loss_step
                 t.current_flos += t._cheap_flos(inputs)
+                if args.include_num_input_tokens_seen not in ("no", False, None):
+                    t._track_num_input_tokens(inputs)  # transformers' count, gathered over the ranks by accelerate
 
                 if do_sync_step:
-                    grad_norm = None
                     if args.max_grad_norm is not None and args.max_grad_norm > 0:
                         grad_norm = strategy.clip_grad_norm(model, t.optimizer, args.max_grad_norm)
+                    else:  # transformers logs the norm without clipping too
+                        grad_norm = strategy.grad_norm(model, t.optimizer)
                     t.control = t.callback_handler.on_pre_optimizer_step(args, t.state, t.control)
                     t._checkpoint_writer.wait_copied()  # a background snapshot still reads these weights
                     stepped = strategy.optimizer_step(t.optimizer)

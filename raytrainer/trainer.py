@@ -362,7 +362,9 @@ class Trainer(transformers.Trainer):
             # change in forward: copied now; parameters change only in optimizer.step, so their copy may
             # wait for the writer thread (see below). The writer calls the trainer's own _save with it.
             buffers = {n for n, _ in self.model.named_buffers()}
-            snap.model_state = {k: to_cpu(v) if k in buffers else v for k, v in self.model.state_dict().items()}
+            live = self.model.state_dict()
+            snap.model_state = {k: to_cpu(v) if k in buffers else v for k, v in live.items()}
+            snap.model_aliases = _shared_keys(live)  # tied weights stay one tensor, saved once as transformers does
             snap.save_model_fn = lambda out_dir, state_dict: self._save(out_dir, state_dict=state_dict)
         if rank == 0:
             snap.trainer_state_json = state_to_json(self.state)
@@ -512,7 +514,22 @@ def _is_peft_model(model) -> bool:
 
 def _copy_live_tensors(snap: Snapshot) -> None:
     snap.model_state = to_cpu(snap.model_state)
+    for key, first in (snap.model_aliases or {}).items():
+        snap.model_state[key] = snap.model_state[first]
     snap.optimizer_state = to_cpu(snap.optimizer_state)
+
+
+def _shared_keys(state: dict) -> dict:
+    """{key: first key holding the same tensor} for tied weights (e.g. lm_head and the embedding)."""
+    seen, aliases = {}, {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.numel():
+            ident = (value.data_ptr(), value.shape, value.dtype)
+            if ident in seen:
+                aliases[key] = seen[ident]
+            else:
+                seen[ident] = key
+    return aliases
 
 
 def _is_ray_dataset(obj) -> bool:

@@ -46,6 +46,7 @@ def to_cpu(tree):
 class Snapshot:
     final_dir: str
     model_state: dict | None = None           # rank 0 only; None on other ranks
+    model_aliases: dict | None = None         # {key: key it shares its tensor with} (tied weights)
     save_model_fn: Callable[[str, dict], None] | None = None  # writes weights + config (save_pretrained)
     optimizer_state: dict | None = None
     scheduler_state: dict | None = None

@@ -32,11 +32,14 @@ class RayShard:
 class RayShardLoader:
     """A dataloader-like view of this worker's shard with a length, epochs and a start position."""
 
-    def __init__(self, shard: RayShard, batch_size: int, columns: set[str] | None, drop_last: bool = False):
+    def __init__(self, shard: RayShard, batch_size: int, columns: set[str] | None, drop_last: bool = False,
+                 collate_fn=None):
         self.shard = shard
         self.batch_size = batch_size
         self.columns = columns  # the inputs the model takes; other columns are dropped like remove_unused_columns
         self.drop_last = drop_last
+        # the Trainer's data_collator (padding, MLM masking...); None: the numpy columns become tensors as they are
+        self.collate_fn = collate_fn
         self.start_batch = 0
 
     def __len__(self) -> int:
@@ -57,7 +60,30 @@ class RayShardLoader:
                 break  # never more steps than the other ranks
             if index < self.start_batch:
                 continue  # a stream cannot seek: skipped batches are read, not trained on
-            yield {k: _to_tensor(v) for k, v in batch.items() if self.columns is None or k in self.columns}
+            yield collate_numpy_batch(batch, self.columns, self.collate_fn)
+
+
+def collate_numpy_batch(batch: dict, columns: set[str] | None = None, collate_fn=None) -> dict:
+    """One Ray Data numpy batch (column -> array of rows) -> the model's inputs.
+
+    Without a collator the columns are stacked into tensors. With one, the batch is cut into row dicts
+    of plain Python values (what a `datasets.Dataset` yields) and the collator sees the same list of
+    features transformers' DataLoader gives it, so variable-length rows are padded, MLM masks drawn...
+    """
+    batch = {k: v for k, v in batch.items() if columns is None or k in columns}
+    if collate_fn is None:
+        return {k: _to_tensor(v) for k, v in batch.items()}
+    n = len(next(iter(batch.values()))) if batch else 0
+    rows = [{k: _to_python(v[i]) for k, v in batch.items()} for i in range(n)]
+    return collate_fn(rows)
+
+
+def _to_python(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def _to_tensor(values):

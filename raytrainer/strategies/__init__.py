@@ -2,28 +2,54 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 from .base import Strategy
 from .ddp import DDPStrategy
+from .dp import DataParallelStrategy
 
 
-def build_strategy(args, device) -> Strategy:
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world == 1:
+def ddp_kwargs(args, model=None) -> dict:
+    """DistributedDataParallel's keyword arguments, decided as transformers' _build_accelerator_args decides them."""
+    if args.ddp_find_unused_parameters is not None:
+        find_unused = args.ddp_find_unused_parameters
+    elif model is not None and isinstance(model, _pretrained_model_cls()):
+        # transformers: find_unused_parameters breaks activation checkpointing (its PR #4659)
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        find_unused = not (checkpointing or getattr(args, "activation_checkpointing", False)
+                           or args.gradient_checkpointing)
+    else:
+        find_unused = True  # transformers' choice for a plain nn.Module: it may have unused parameters
+    kwargs = {"find_unused_parameters": find_unused}
+    for name in ("bucket_cap_mb", "broadcast_buffers", "static_graph"):
+        value = getattr(args, f"ddp_{name}", None)
+        if value is not None:
+            kwargs[name] = value
+    return kwargs
+
+
+def build_strategy(args, device, model=None, world_size: int | None = None) -> Strategy:
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world_size == 1:
+        if args.n_gpu > 1 and torch.cuda.device_count() > 1:
+            # one process, several GPUs, no process group: transformers' nn.DataParallel
+            return DataParallelStrategy(device, args.mixed_precision)
         return Strategy(device, args.mixed_precision)
     if args.strategy == "ddp":
-        return DDPStrategy(
-            device,
-            args.mixed_precision,
-            find_unused_parameters=args.ddp_find_unused_parameters,
-            bucket_cap_mb=args.ddp_bucket_cap_mb,
-            broadcast_buffers=args.ddp_broadcast_buffers,
-            static_graph=args.ddp_static_graph,
-        )
+        return DDPStrategy(device, args.mixed_precision, **ddp_kwargs(args, model))
     raise NotImplementedError(
         f"strategy={args.strategy!r} is not available yet in this raytrainer build; use strategy='ddp'."
     )
 
 
-__all__ = ["Strategy", "DDPStrategy", "build_strategy"]
+def _pretrained_model_cls():
+    from transformers import PreTrainedModel
+
+    return PreTrainedModel
+
+
+__all__ = ["Strategy", "DDPStrategy", "DataParallelStrategy", "build_strategy", "ddp_kwargs"]

@@ -44,6 +44,10 @@ class Strategy:
             self.scaler.unscale_(optimizer)
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
 
+    def grad_norm(self, model, optimizer) -> torch.Tensor:
+        """The total gradient norm, nothing clipped (transformers logs grad_norm even with max_grad_norm=0)."""
+        return self.clip_grad_norm(model, optimizer, float("inf"))
+
     def optimizer_step(self, optimizer) -> bool:
         """Step; return False when fp16 found inf/nan and skipped the update."""
         if self.scaler is None:
