@@ -5,8 +5,14 @@ and `isinstance(args, transformers.TrainingArguments)` holds for existing callba
 
 * Ray fields (`num_workers`, `use_gpu`, `resources_per_worker`, `strategy`, `storage_path`,
   `storage_filesystem`, `max_failures`, `save_in_background`).
-* `validate()`: run on the driver before any Ray resource is taken; every error names the field
-  and the fix. Fields the loop does not honour raise instead of being silently ignored.
+* `validate()`: value checks, run at construction and again by `Trainer()` and `train()` (on the
+  driver, before any Ray resource is taken); every error names the field and the fix.
+* `check_supported()`: run by `train()`; a field the raytrainer loop does not honour (fields.py,
+  REFUSED) set to a non-default value raises there, naming the fix, instead of being silently
+  ignored. Construction accepts it, so one config can serve evaluation scripts too.
+* transformers' own checks run unchanged, except the ones that describe the driver's hardware where
+  the workers' is meant: bf16 (no bf16-capable GPU here), tf32 (no Ampere GPU here) and deepspeed
+  (the package on the driver).
 * Older names that the transformers docs still show (`logging_dir`, `warmup_ratio`,
   `evaluation_strategy`) are accepted and mapped onto the current fields.
 """
@@ -19,28 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import transformers
+from transformers.training_args import OptimizerNames
+from transformers.utils import is_torch_tf32_available
 
-SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad")
+from .fields import REFUSED, REFUSED_ACCELERATOR_OPTIONS
+
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 SCHEDULERS = tuple(s.value for s in transformers.SchedulerType)
-
-# Fields of transformers.TrainingArguments that the raytrainer loop does not honour, with the fix.
-# Setting one of them to a non-default value raises, never silently does nothing.
-UNSUPPORTED_FIELDS = {
-    "torch_compile": "compile the model yourself inside model_init",
-    "torch_compile_backend": "compile the model yourself inside model_init",
-    "torch_compile_mode": "compile the model yourself inside model_init",
-    "use_liger_kernel": "apply liger kernels inside model_init",
-    "optim_target_modules": "use one of the supported optimizers: " + ", ".join(SUPPORTED_OPTIMIZERS),
-    "auto_find_batch_size": "set per_device_train_batch_size explicitly",
-    "push_to_hub": "upload trainer.args.output_dir (or the storage_path) after training",
-    "fsdp": 'use strategy="fsdp" (a Ray field) instead',
-    "parallelism_config": 'use strategy="ddp" | "fsdp" | "deepspeed" instead',
-    "include_num_input_tokens_seen": "count tokens in a callback",
-    "enable_jit_checkpoint": "use save_steps checkpoints; Ray restarts failed workers from them",
-    "tf32": "set torch.backends.cuda.matmul.allow_tf32 in model_init",
-    "debug": "remove the debug option",
-}
+OPTIMIZERS = tuple(o.value for o in OptimizerNames)
 
 
 def _defaults_of(cls) -> dict[str, Any]:
@@ -75,15 +67,34 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self):
         self._map_older_names()
         self._check_names()
-        # bf16/fp16 are decided by the workers' hardware, not the driver's: hide them from the
-        # parent's device checks (it refuses bf16 on a CPU-only driver) and restore them after.
-        bf16, bf16_full_eval = self.bf16, self.bf16_full_eval
-        self.bf16 = self.bf16_full_eval = False
+        # The workers' hardware and packages decide these, not the driver's (which may be CPU-only):
+        # tf32=True is hidden from the parent's "needs Ampere" check (the workers apply it), a
+        # deepspeed config from the parent's processing, which imports deepspeed (refused by
+        # check_supported() until strategy="deepspeed" lands). bf16: see _validate_args.
+        hidden = {}
+        if self.tf32 and not is_torch_tf32_available():
+            hidden["tf32"] = self.tf32
+        if self.deepspeed:
+            hidden["deepspeed"] = self.deepspeed
+        for name in hidden:
+            setattr(self, name, None)
         try:
             super().__post_init__()
         finally:
-            self.bf16, self.bf16_full_eval = bf16, bf16_full_eval
+            for name, value in hidden.items():
+                setattr(self, name, value)
         self.validate()  # also sets mixed_precision from fp16/bf16
+
+    def _validate_args(self):
+        # transformers refuses bf16/bf16_full_eval unless *this* process has a bf16 GPU (or use_cpu):
+        # the driver may be CPU-only while the workers have GPUs. Skip only that device check; every
+        # other check of the parent (fp16 with bf16, fp16_full_eval with bf16_full_eval, ...) runs.
+        use_cpu = self.use_cpu
+        self.use_cpu = True
+        try:
+            super()._validate_args()
+        finally:
+            self.use_cpu = use_cpu
 
     # ------------------------------------------------------------------ helpers
     def _map_older_names(self) -> None:
@@ -98,10 +109,13 @@ class TrainingArguments(transformers.TrainingArguments):
             self.warmup_ratio = None
 
     def _check_names(self) -> None:
-        if self.optim not in SUPPORTED_OPTIMIZERS and str(getattr(self.optim, "value", self.optim)) not in SUPPORTED_OPTIMIZERS:
+        optim = str(_value(self.optim))
+        if optim not in OPTIMIZERS:
+            hint = difflib.get_close_matches(optim, OPTIMIZERS, n=1)
             raise ValueError(
-                f"optim={self.optim!r} is not supported; choose one of {', '.join(SUPPORTED_OPTIMIZERS)} "
-                "or pass optimizers=(optimizer, scheduler) / override create_optimizer()."
+                f"optim={optim!r} is unknown; use one of {', '.join(OPTIMIZERS)}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + ", or pass optimizers=(optimizer, scheduler) / optimizer_cls_and_kwargs."
             )
         sched = str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type))
         if sched not in SCHEDULERS:
@@ -133,23 +147,6 @@ class TrainingArguments(transformers.TrainingArguments):
         """
         self._sync_after_mutation()
         self._check_names()
-        defaults = _defaults_of(transformers.TrainingArguments)
-        for name, fix in UNSUPPORTED_FIELDS.items():
-            value = getattr(self, name, None)
-            default = defaults.get(name)
-            if name == "debug" and value in ([], "", None):
-                continue
-            if name == "include_num_input_tokens_seen" and value in ("no", False, None):
-                continue
-            if name == "fsdp" and value in ("", [], None, False):
-                continue
-            if value != default and value not in (None, False):
-                raise ValueError(f"{name}={value!r} is not supported by raytrainer: {fix}.")
-        if self.train_sampling_strategy not in (None, "random"):
-            raise ValueError(
-                f"train_sampling_strategy={self.train_sampling_strategy!r} is not supported; use 'random' "
-                "(raytrainer's resumable sampler)."
-            )
         _positive("per_device_train_batch_size", self.per_device_train_batch_size)
         _positive("per_device_eval_batch_size", self.per_device_eval_batch_size)
         _positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
@@ -175,6 +172,8 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"eval_accumulation_steps={self.eval_accumulation_steps} must be >= 1 or None.")
         if self.fp16 and self.bf16:
             raise ValueError("fp16 and bf16 are both True: set at most one of them (bf16=True on CPUs and Ampere+ GPUs).")
+        if self.fp16_full_eval and self.bf16_full_eval:
+            raise ValueError("fp16_full_eval and bf16_full_eval are both True: set at most one of them.")
         save = _value(self.save_strategy)
         if save == "best" and self.metric_for_best_model is None:
             raise ValueError(
@@ -217,6 +216,49 @@ class TrainingArguments(transformers.TrainingArguments):
             )
         return self
 
+    # ------------------------------------------------------------------ refusals
+    def check_supported(self) -> "TrainingArguments":
+        """Raise a ValueError for each field the raytrainer loop does not honour that is set (fields.py).
+
+        Run by `Trainer.train()`, not at construction: a config that sets such a field still serves
+        `evaluate()`/`predict()`, which are transformers' own. Each line names the field and the fix.
+        """
+        problems = [
+            f"{name}={_short_repr(value)} is not supported by raytrainer: {REFUSED[field_name]}."
+            for field_name in REFUSED
+            for name, value in self._refused_settings(field_name)
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _refused_settings(self, name: str) -> list[tuple[str, Any]]:
+        """[(shown name, value)] for a REFUSED field set away from its default; [] when it is not."""
+        value = getattr(self, name, None)
+        if name == "accelerator_config":
+            if value is None:
+                return []
+            if isinstance(value, str):  # a JSON file, assigned after construction
+                from transformers.trainer_pt_utils import AcceleratorConfig
+
+                value = AcceleratorConfig.from_json_file(value)
+            options = value if isinstance(value, dict) else vars(value)
+            found = []
+            for option, default in REFUSED_ACCELERATOR_OPTIONS.items():
+                setting = options.get(option, default)
+                if option == "gradient_accumulation_kwargs" and setting:
+                    setting = {k: v for k, v in setting.items() if k != "num_steps"} or None
+                if setting != default:
+                    found.append((f"accelerator_config.{option}", setting))
+            return found
+        if name == "fsdp_config" and self._refused_settings("fsdp"):
+            return []  # transformers filled it in from fsdp=..., which is named already
+        default = _field_defaults().get(name)
+        if default is None:
+            unset = value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
+            return [] if unset else [(name, value)]
+        return [] if value == default else [(name, value)]
+
     def __setattr__(self, name, value):
         # transformers' dataclass accepts any attribute silently; a typo such as
         # `args.datloader_pin_memory = True` would do nothing. Warn with the likely field.
@@ -230,6 +272,20 @@ class TrainingArguments(transformers.TrainingArguments):
                 stacklevel=2,
             )
         super().__setattr__(name, value)
+
+
+_DEFAULTS: dict[str, Any] = {}
+
+
+def _field_defaults() -> dict[str, Any]:
+    if not _DEFAULTS:
+        _DEFAULTS.update(_defaults_of(TrainingArguments))
+    return _DEFAULTS
+
+
+def _short_repr(value) -> str:
+    text = repr(value)
+    return text if "\n" not in text and len(text) <= 200 else f"{type(value).__name__}(...)"
 
 
 def _value(x):

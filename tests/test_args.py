@@ -1,6 +1,11 @@
-"""TrainingArguments validation, the supported optimizers and weight-decay grouping, scheduler names."""
+"""TrainingArguments validation (ours and transformers'), optimizers and weight-decay grouping, scheduler names.
+
+Fields the loop does not honour are refused by train(), not here: tests/test_fields.py.
+"""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -26,8 +31,8 @@ BAD = [
     (dict(warmup_ratio=1.5), "warmup_ratio"),
     (dict(save_total_limit=0), "save_total_limit"),
     (dict(eval_accumulation_steps=0), "eval_accumulation_steps"),
-    (dict(optim="adamw_bnb_8bit"), "optim"),  # a transformers name we do not support
     (dict(optim="adamm"), "optim"),
+    (dict(optim="adamw_torch_fusd"), "adamw_torch_fused"),  # the closest name is suggested
     (dict(lr_scheduler_type="cosin"), "lr_scheduler_type"),
     (dict(strategy="horovod"), "strategy"),
     (dict(save_strategy="best"), "metric_for_best_model"),
@@ -35,10 +40,6 @@ BAD = [
     (dict(load_best_model_at_end=True, eval_strategy="epoch", save_strategy="steps"), "save_strategy"),
     (dict(eval_on_start=True), "eval_strategy"),
     (dict(bf16=True, fp16=True), "fp16"),
-    (dict(torch_compile=True), "torch_compile"),
-    (dict(use_liger_kernel=True), "use_liger_kernel"),
-    (dict(auto_find_batch_size=True), "auto_find_batch_size"),
-    (dict(push_to_hub=True), "push_to_hub"),
     (dict(resources_per_worker={"CPU": -1}), "resources_per_worker"),
     (dict(resources_per_worker="2 CPUs"), "resources_per_worker"),
     (dict(resources_per_worker={"CPU": "two"}), "resources_per_worker"),
@@ -55,6 +56,60 @@ def test_bad_argument_raises_value_error_naming_field(tmp_path, overrides, field
         TrainingArguments(output_dir=str(tmp_path), report_to="none", **overrides)
 
 
+# transformers' own checks in TrainingArguments.__post_init__ still run: (overrides, transformers' message)
+TRANSFORMERS_CHECKS = [
+    (dict(fp16_full_eval=True, bf16_full_eval=True), "At most one of fp16 and bf16 can be True for full eval"),
+    (dict(fp16=True, bf16=True), "At most one of fp16 and bf16 can be True, but not both"),
+    (dict(logging_steps=0), "requires non-zero --logging_steps"),
+    (dict(logging_steps=2.5), "--logging_steps must be an integer"),
+    (dict(dataloader_prefetch_factor=2), "--dataloader_prefetch_factor can only be set"),
+    (dict(lr_scheduler_type="reduce_lr_on_plateau"), "reduce_lr_on_plateau requires an eval strategy"),
+    (dict(lr_scheduler_type="greedy"), "greedy requires an eval strategy"),
+    (dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps", eval_steps=3, save_steps=5),
+     "multiple of the evaluation"),
+    (dict(torch_empty_cache_steps=0), "torch_empty_cache_steps"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", TRANSFORMERS_CHECKS,
+                         ids=[m[:30] for _, m in TRANSFORMERS_CHECKS])
+def test_transformers_checks_still_run(tmp_path, overrides, message):
+    # use_cpu: past transformers' "this process has no bf16 GPU" check, which raytrainer leaves to the workers
+    with pytest.raises(ValueError, match=re.escape(message)):
+        transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **overrides)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainingArguments(output_dir=str(tmp_path), report_to="none", **overrides)
+
+
+def test_driver_hardware_checks_are_left_to_the_workers(tmp_path):
+    """bf16, bf16_full_eval, tf32 and a deepspeed config describe the workers, not a CPU-only driver.
+
+    transformers refuses them in a process without a bf16 / Ampere GPU (or without the deepspeed
+    package); raytrainer's driver accepts them and keeps the values for the workers.
+    """
+    cases = [dict(bf16=True), dict(bf16_full_eval=True), dict(tf32=True),
+             dict(deepspeed={"train_micro_batch_size_per_gpu": 1})]
+    for overrides in cases:
+        args = TrainingArguments(output_dir=str(tmp_path), report_to="none", **overrides)
+        for name, value in overrides.items():
+            assert getattr(args, name) == value
+    if not torch.cuda.is_available():  # what transformers itself does here
+        for overrides in cases[:3]:
+            with pytest.raises(ValueError):
+                transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", **overrides)
+    assert TrainingArguments(output_dir=str(tmp_path), bf16=True).mixed_precision == "bf16"
+
+
+def test_fields_the_loop_honours_construct(tmp_path):
+    """Fields once refused at construction, now honoured (raytrainer/fields.py): accepted and not refused."""
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", torch_compile=True,
+                             use_liger_kernel=True, auto_find_batch_size=True, optim="lion_8bit",
+                             include_num_input_tokens_seen=True, debug="underflow_overflow",
+                             train_sampling_strategy="group_by_length")
+    args.check_supported()
+    assert args.torch_compile_backend == "inductor"  # transformers' default, derived at construction
+
+
 def test_validate_rechecks_after_mutation(tmp_path):
     """validate() runs again in Trainer/train(): a value changed after construction is caught there."""
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
@@ -65,6 +120,10 @@ def test_validate_rechecks_after_mutation(tmp_path):
     trainer = raytrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(8))
     args.num_workers = -3
     with pytest.raises(ValueError, match="num_workers"):
+        trainer.train()
+    args.num_workers = 0
+    args.optim = "adamw_torch_fusd"  # validate() checks a name set after construction too
+    with pytest.raises(ValueError, match="adamw_torch_fused"):
         trainer.train()
 
 
