@@ -228,6 +228,11 @@ class TrainingArguments(transformers.TrainingArguments):
             for field_name in REFUSED
             for name, value in self._refused_settings(field_name)
         ]
+        if self.auto_find_batch_size and self.num_workers > 1:
+            # an out-of-memory error on one rank would leave the others waiting in a collective
+            problems.append(f"auto_find_batch_size=True with num_workers={self.num_workers} is not supported by "
+                            "raytrainer: the workers cannot retry a smaller batch together; set "
+                            "per_device_train_batch_size, or use num_workers <= 1.")
         if problems:
             raise ValueError("\n".join(problems))
         return self

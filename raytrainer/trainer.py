@@ -33,6 +33,7 @@ from .args import TrainingArguments
 from .checkpoint import CheckpointWriter, Snapshot, latest_checkpoint
 from .checkpoint.writer import state_to_json, to_cpu
 from .loop import TrainingLoop, world_info
+from .strategies.base import is_lomo
 
 logger = logging.getLogger("raytrainer")
 RUN_META = "raytrainer_run.pt"  # world size and global batch of the run that wrote a checkpoint
@@ -69,6 +70,8 @@ class Trainer(transformers.Trainer):
                  preprocess_logits_for_metrics=None, tokenizer=None):
         args = coerce_args(args)
         args.validate()
+        if args._refused_settings("fsdp"):  # transformers' own __init__ would refuse it first, without the fix
+            args.check_supported()
         if tokenizer is not None and processing_class is None:  # the older transformers name
             processing_class = tokenizer
         set_before = set(self.__dict__)  # a subclass may set attributes before calling us: those are its own
@@ -278,7 +281,10 @@ class Trainer(transformers.Trainer):
                 self.compute_loss_func is not None
         if not scaled:
             loss = loss / self.current_gradient_accumulation_steps
-        if self._strategy is not None:
+        if is_lomo(self.optimizer):
+            # LOMO updates each parameter inside backward (accelerate's lomo_backward); its step() is a no-op
+            self.optimizer.fused_backward(loss, self._get_learning_rate())
+        elif self._strategy is not None:
             self._strategy.backward(loss)
         else:
             loss.backward()

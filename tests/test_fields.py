@@ -77,9 +77,8 @@ def test_refused_field_constructs_and_check_supported_names_it(tmp_path, name):
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_refused_field_raises_at_train(tmp_path, name, keep_sigterm):
     args = make(tmp_path, **{name: REFUSED_VALUES[name]})
-    # fsdp: transformers' own Trainer() already refuses it in a process that is not distributed
-    # ("Using fsdp only works in distributed training."), which the driver never is
-    with pytest.raises(ValueError, match=re.escape(name)):
+    # fsdp: refused by Trainer() already (transformers' own __init__ would refuse it there, without the fix)
+    with pytest.raises(ValueError, match=re.escape(name) + ".*is not supported by raytrainer"):
         trainer = raytrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(8))
         trainer.train()
     if name != "fsdp":  # refused before the model was touched
@@ -138,3 +137,10 @@ def test_readme_table_is_generated_from_fields():
     end = readme.find("\n## ", start + len(heading))
     section = readme[start:] if end < 0 else readme[start:end + 1]
     assert section.strip() == table.strip(), "README table is stale: paste `python scripts/fields_table.py`"
+
+
+def test_auto_find_batch_size_with_several_workers_is_refused_on_the_driver(tmp_path):
+    args = make(tmp_path, auto_find_batch_size=True, num_workers=2)
+    with pytest.raises(ValueError, match="auto_find_batch_size=True with num_workers=2"):
+        args.check_supported()
+    make(tmp_path, auto_find_batch_size=True, num_workers=1).check_supported()

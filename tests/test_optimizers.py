@@ -88,10 +88,7 @@ def test_dev_extra_optimizers_build():
 
 
 # the optimizers of the `dev` extra, trained 3 steps in raytrainer's loop: the same losses as transformers'
-TRAINED = ["schedule_free_adamw", "schedule_free_radam", "schedule_free_sgd", "grokadamw", "stable_adamw",
-           pytest.param("lomo", marks=pytest.mark.xfail(
-               strict=True, raises=NotImplementedError,
-               reason="loop.py must call optimizer.fused_backward(loss, lr) for LOMO, as accelerate's backward does"))]
+TRAINED = ["schedule_free_adamw", "schedule_free_radam", "schedule_free_sgd", "grokadamw", "stable_adamw", "lomo"]
 
 
 @pytest.mark.parametrize("name", TRAINED)

@@ -50,6 +50,8 @@ class Strategy:
 
     def optimizer_step(self, optimizer) -> bool:
         """Step; return False when fp16 found inf/nan and skipped the update."""
+        if is_lomo(optimizer):  # it stepped inside backward (fused_backward)
+            return True
         if self.scaler is None:
             optimizer.step()
             return True
@@ -65,3 +67,8 @@ class Strategy:
     def load_scaler_state(self, state: dict) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def is_lomo(optimizer) -> bool:
+    """LOMO / AdaLomo update parameters during backward; accelerate gives them the same special case."""
+    return type(optimizer).__name__ in ("Lomo", "AdaLomo") and hasattr(optimizer, "fused_backward")
