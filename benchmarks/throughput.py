@@ -26,9 +26,10 @@ from benchmarks import common as C  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-CONTENDERS = ["plain", "hf", "rt", "ray1", "ray2"]
+CONTENDERS = ["plain", "hf", "rt", "rt_compile", "ray1", "ray2"]
 LABELS = {"plain": "plain PyTorch loop", "hf": "transformers.Trainer", "rt": "raytrainer in-process",
-          "ray1": "raytrainer 1 Ray worker", "ray2": "raytrainer 2 Ray workers"}
+          "rt_compile": "raytrainer, torch_compile=True", "ray1": "raytrainer 1 Ray worker",
+          "ray2": "raytrainer 2 Ray workers"}
 
 
 def run_contender(name: str, task: str, dtype: str, cfg, dataset, work: str) -> dict:
@@ -48,7 +49,7 @@ def run_contender(name: str, task: str, dtype: str, cfg, dataset, work: str) -> 
     else:
         import raytrainer
 
-        extra = {}
+        extra = {"torch_compile": True} if name == "rt_compile" else {}  # inductor; compile time is in warmup
         per_device = C.BATCH
         if name in ("ray1", "ray2"):
             workers = 1 if name == "ray1" else 2

@@ -1,5 +1,10 @@
 """raytrainer: transformers.Trainer's API with its loop on Ray Train workers."""
 
+# first, before transformers is imported: outside the tested range, warn (once) before any ImportError
+from ._versions import check_versions as _check_versions
+
+_check_versions()
+
 from transformers import (
     DefaultFlowCallback,
     EarlyStoppingCallback,

@@ -59,6 +59,8 @@ class TrainerBlueprint:
         from .trainer import Trainer
 
         trainer = self.trainer_cls.__new__(self.trainer_cls)
+        # before __init__ too: an overridden hook that __init__ calls may read the subclass's attributes
+        trainer.__dict__.update(self.user_attrs)
         Trainer.__init__(trainer, callbacks=None, **self.ctor)
         trainer.__dict__.update(self.user_attrs)
         # the driver's list exactly (its defaults, report_to integrations, removals), minus display

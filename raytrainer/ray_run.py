@@ -459,6 +459,7 @@ def _build_worker_trainer(spec: RunSpec):
     if not (args.use_gpu and torch.cuda.is_available()):
         args.use_cpu = True  # accelerate reports MULTI_CPU (and gathers) only when told it is on CPU
     args.device  # re-detect: accelerate sees the process group Ray made
+    args.push_to_hub = False  # the driver pushes (save_model / push_to_hub); workers never touch the Hub
     blueprint.ctor = dict(blueprint.ctor, args=args)
     if "train" in spec.dataset_rows:
         from .data.ray_data import RayShard

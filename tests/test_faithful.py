@@ -68,6 +68,14 @@ class Recorder(transformers.TrainerCallback):
         self.logs: list[dict] = []
         self.saves: list[tuple[int, bool]] = []
         self.relative_file = relative_file  # written at the end, relative to the working directory
+        self.process_group = None  # (backend, timeout seconds) of the default process group, if any
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+            self.process_group = (dist.get_backend(), backend.options._timeout.total_seconds())
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.relative_file and state.is_world_process_zero:
@@ -189,8 +197,9 @@ def test_in_process_matches_transformers(hf_run, tmp_path):
 def test_two_ray_workers_match_transformers(ray_cluster, hf_run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # relative paths below mean tmp_path on the driver, and on the workers
     trainer, recorder, calls = run_scenario("rt", "run", workers=2, recorder=Recorder("recorder_done.txt"),
-                                            report_to=["tensorboard"], logging_dir="tb_logs")
+                                            report_to=["tensorboard"], logging_dir="tb_logs", ddp_timeout=1234)
     assert_faithful(trainer, recorder, calls, hf_run, rtol=1e-4)
+    assert recorder.process_group == ("gloo", 1234)  # ddp_backend (None: gloo on CPU) and ddp_timeout reach Ray
     assert (tmp_path / "recorder_done.txt").read_text() == "done"
     assert list((tmp_path / "tb_logs").glob("events.out.tfevents.*"))  # logging_dir honoured, relative to the driver
     # the driver printed each training log line once (PrinterCallback, fed by rank 0's event stream)
