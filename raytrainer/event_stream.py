@@ -75,7 +75,12 @@ class StreamToDriver(TrainerCallback):
 
 
 class DriverStream:
-    """`with DriverStream(trainer) as s:` around a Ray fit; afterwards s.final_state holds rank 0's state."""
+    """`with DriverStream(trainer) as s:` around a Ray fit; afterwards s.final_state holds rank 0's state.
+
+    `listeners` get (metrics, state) for each evaluation, live (a multi-worker Tune trial reports them).
+    """
+
+    listeners: list = []
 
     def __init__(self, trainer, display: bool = True):
         self.trainer = trainer
@@ -118,5 +123,8 @@ class DriverStream:
             for k, v in fields.items():
                 setattr(state, k, v)
             state.is_world_process_zero = state.is_local_process_zero = True
+            if event == "on_evaluate":
+                for listener in list(self.listeners):
+                    listener((kwargs.get("metrics") or {}, state))
             for cb in self.display:
                 getattr(cb, event)(trainer.args, state, trainer.control, **kwargs)

@@ -179,6 +179,19 @@ class Trainer(transformers.Trainer):
                 # absolute: Ray workers run in another folder
                 cb.logging_dir = os.path.abspath(os.path.expanduser(self.args.logging_dir))
 
+    # ------------------------------------------------------------------ hyperparameter search
+    def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials=20, direction="minimize",
+                              backend=None, hp_name=None, **kwargs):
+        """transformers' hyperparameter_search, on Ray Tune: every trial is a raytrainer run (tune/search.py).
+
+        Extra keyword arguments: scheduler ("asha" or a Tune scheduler), search_alg, max_concurrent_trials,
+        name (the sweep's folder under storage_path), resume=True (finish an interrupted sweep).
+        """
+        from .tune.search import hyperparameter_search
+
+        return hyperparameter_search(self, hp_space=hp_space, compute_objective=compute_objective, n_trials=n_trials,
+                                     direction=direction, backend=backend, hp_name=hp_name, **kwargs)
+
     # ------------------------------------------------------------------ the Hub
     def init_hf_repo(self, token=None, private=None):
         """transformers' repo creation; without a network, one clear line and training goes on."""

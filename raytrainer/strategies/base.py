@@ -51,6 +51,7 @@ class Strategy:
     def optimizer_step(self, optimizer) -> bool:
         """Step; return False when fp16 found inf/nan and skipped the update."""
         if is_lomo(optimizer):  # it stepped inside backward (fused_backward)
+            optimizer._opt_called = True  # what torch's step wrapper records: the scheduler may step now
             return True
         if self.scaler is None:
             optimizer.step()

@@ -1,0 +1,146 @@
+"""`Trainer.hyperparameter_search` on Ray Tune: the driver half.
+
+Every check runs before a trial starts (space.py, validate.py, schedulers.py). The Trainer crosses
+once as a TrainerBlueprint (model=None: each trial builds its own model with model_init(trial)),
+through the object store with `tune.with_parameters`; `trial.run_trial` is what each trial runs.
+
+Each trial is a full raytrainer run: with num_workers=0 the loop runs inside the trial itself (no
+worker group: a small sweep costs what transformers' own Ray backend costs), with num_workers>=1
+the trial starts its own Ray Train worker group. Its checkpoints are transformers' layout under
+`<storage>/<sweep name>/<trial name>/checkpoint-<step>`. The objective (compute_objective of each
+evaluation's metrics) is reported to Tune after every evaluation, so ASHA stops bad trials early.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from ..crossing import TrainerBlueprint
+from .objective import best_run, direction_to_mode
+from .schedulers import build_scheduler, is_pbt
+from .space import to_tune_space
+from .validate import check_search
+
+logger = logging.getLogger("raytrainer")
+# Ray Train's controller of a multi-worker trial is itself an actor; a trial reserves room for it
+TRIAL_CPUS_INPROCESS = 1
+TRIAL_CPUS_DRIVER = 0.5
+
+
+def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_trials=20, direction="minimize",
+                          backend=None, hp_name=None, **kwargs):
+    from ray import tune
+
+    from ..ray_run import check_picklable, ensure_ray
+
+    args = trainer.args
+    if backend not in (None, "ray", "optuna") and str(getattr(backend, "value", backend)) not in ("ray", "optuna"):
+        raise ValueError(f"backend={backend!r}: raytrainer runs every search on Ray Tune; use backend='ray' "
+                         "(optuna-style hp_space functions are translated to a Tune search space).")
+    scheduler = kwargs.pop("scheduler", None)
+    search_alg = kwargs.pop("search_alg", None)
+    resume = kwargs.pop("resume", False)
+    name = kwargs.pop("name", None) or f"{args.run_name or os.path.basename(os.path.normpath(args.output_dir))}-hp-search"
+    max_concurrent = kwargs.pop("max_concurrent_trials", None)
+    perturbation_interval = kwargs.pop("perturbation_interval", None)
+    if kwargs:
+        raise TypeError(f"hyperparameter_search() got unexpected keyword arguments {sorted(kwargs)}")
+    space = to_tune_space(hp_space)
+    check_search(args, space, trainer.model_init, n_trials=n_trials, direction=direction,
+                 compute_objective=compute_objective, scheduler=scheduler)
+    if is_pbt(scheduler):
+        raise ValueError("scheduler='pbt' is not available in this raytrainer build yet (its exploit must copy the "
+                         "donor's whole training state); use scheduler='asha' or None.")
+    mode = direction_to_mode(direction)
+    # max_t one past the last evaluation: a trial that reaches max_t is stopped at once, before the save
+    # that follows its last evaluation, and the run would lose its final checkpoint
+    tune_scheduler = build_scheduler(scheduler, metric="objective", mode=mode, max_t=_max_reports(args) + 1,
+                                     space=space, perturbation_interval=perturbation_interval)
+    args.check_supported()
+
+    storage_path = args.storage_path or os.path.dirname(os.path.abspath(args.output_dir))
+    blueprint = TrainerBlueprint.of(trainer, model=None)
+    check_picklable(blueprint.named_values())
+    ensure_ray()
+    resources = _trial_resources(args)
+    max_concurrent = _max_concurrent(args, resources, max_concurrent)
+
+    from .trial import run_trial
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, blueprint=blueprint, compute_objective=compute_objective,
+                             storage_path=storage_path, sweep=name, hp_name=hp_name),
+        resources,
+    )
+    path = os.path.join(storage_path, name) if "://" not in storage_path else f"{storage_path}/{name}"
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=args.storage_filesystem):
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=args.storage_filesystem)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            # a scheduler built here carries metric/mode itself; Tune refuses them twice
+            tune_config=tune.TuneConfig(metric=None if tune_scheduler else "objective",
+                                        mode=None if tune_scheduler else (mode if isinstance(mode, str) else mode[0]),
+                                        num_samples=n_trials, scheduler=tune_scheduler, search_alg=search_alg,
+                                        max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path,
+                                      storage_filesystem=args.storage_filesystem, verbose=0),
+        )
+    results = tuner.fit()
+    trainer.sweep_results = results  # the trials table: results.get_dataframe()
+    rows = []
+    for result in results:
+        if result.metrics and "objective" in result.metrics:
+            rows.append({"trial_id": result.metrics.get("trial_id"), "objective": result.metrics["objective"],
+                         "config": result.config, "run_dir": result.metrics.get("run_dir")})
+    best = best_run(rows, direction)
+    run_dir = next((r["run_dir"] for r in rows if r["trial_id"] == best.run_id), None)
+    return type(best)(best.run_id, best.objective, best.hyperparameters, best_checkpoint_of(run_dir))
+
+
+def best_checkpoint_of(run_dir: str | None) -> str | None:
+    """The trial's best checkpoint as its last trainer_state.json names it, else its latest checkpoint."""
+    import json
+
+    from ..checkpoint.layout import TRAINER_STATE, latest_checkpoint
+
+    latest = latest_checkpoint(run_dir) if run_dir else None
+    if latest is None:
+        return None
+    with open(os.path.join(latest, TRAINER_STATE)) as f:
+        best = json.load(f).get("best_model_checkpoint")
+    return best if best and os.path.isdir(best) else latest
+
+
+def _max_reports(args) -> int:
+    """An upper bound on the evaluations one trial reports (ASHA's max_t)."""
+    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps" and args.max_steps > 0:
+        return max(1, math.ceil(args.max_steps / (args.eval_steps or args.logging_steps or 1)))
+    return 100
+
+
+def _trial_resources(args) -> dict:
+    if args.num_workers == 0:
+        cpus = (args.resources_per_worker or {}).get("CPU", TRIAL_CPUS_INPROCESS)
+        gpus = 1 if args.use_gpu else 0
+        return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+    # the trial itself only waits on its worker group, which reserves its own CPUs/GPUs
+    return {"CPU": TRIAL_CPUS_DRIVER}
+
+
+def _max_concurrent(args, resources, asked):
+    """As many trials at once as the cluster holds; a clear error when not even one fits."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    per_worker = (args.resources_per_worker or {}).get("CPU", 1)
+    need = resources["CPU"] + args.num_workers * per_worker
+    if need > total:
+        raise ValueError(
+            f"one trial needs {need:g} CPUs (num_workers={args.num_workers} x {per_worker:g} + {resources['CPU']:g} "
+            f"for the trial itself) but the Ray cluster has {total:g}: lower num_workers or resources_per_worker."
+        )
+    fits = max(1, int(total // need))
+    return min(asked, fits) if asked else fits

@@ -1,0 +1,113 @@
+"""hyperparameter_search on Ray Tune: ASHA stops bad trials, optuna-style spaces, BestRun, errors first.
+
+Trials run sequentially where the assertion depends on order (max_concurrent_trials): ASHA is
+asynchronous, so a bad trial is stopped at a rung only once a better one has recorded its result there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from ray import tune
+
+import raytrainer
+
+try:
+    from tests.helpers import lm_examples, tiny_gpt2
+except ImportError:
+    from helpers import lm_examples, tiny_gpt2
+
+pytestmark = pytest.mark.ray
+
+GOOD, BAD = [1e-2, 5e-3], [1e-7, 1e-8]
+
+
+def model_init(trial=None):
+    return tiny_gpt2(dropout=0.0)
+
+
+def sweep_args(out, **kw):
+    values = dict(output_dir=str(out), per_device_train_batch_size=4, per_device_eval_batch_size=8, max_steps=12,
+                  learning_rate=1e-3, eval_strategy="steps", eval_steps=2, save_steps=2, save_total_limit=1,
+                  metric_for_best_model="eval_loss", logging_steps=2, report_to="none", disable_tqdm=True, seed=42)
+    values.update(kw)
+    return raytrainer.TrainingArguments(**values)
+
+
+def sweep_trainer(out, **kw):
+    return raytrainer.Trainer(model_init=model_init, args=sweep_args(out, **kw), train_dataset=lm_examples(48),
+                              eval_dataset=lm_examples(16, seed=3))
+
+
+def test_asha_stops_bad_trials_and_best_run_is_the_best(ray_cluster, tmp_path):
+    trainer = sweep_trainer(tmp_path / "asha")
+    best = trainer.hyperparameter_search(
+        hp_space={"learning_rate": tune.grid_search(GOOD + BAD)}, n_trials=1, direction="minimize",
+        scheduler="asha", max_concurrent_trials=1, name="asha")
+    table = trainer.sweep_results.get_dataframe()
+    iterations = dict(zip(table["config/learning_rate"], table["training_iteration"]))
+    objectives = dict(zip(table["config/learning_rate"], table["objective"]))
+    # the first (best) trial reports every evaluation (12 steps / eval every 2); the bad ones are stopped
+    # early by ASHA (so may the second good one be: it is behind the first at the first rung)
+    assert iterations[GOOD[0]] == 6 and all(iterations[lr] < 6 for lr in BAD), (iterations, objectives)
+    winner = min(objectives, key=objectives.get)
+    assert winner in GOOD and best.hyperparameters["learning_rate"] == winner
+    assert best.objective == pytest.approx(objectives[winner])
+    # trials' checkpoints are transformers' layout under <storage>/<sweep>/<trial>/; the best one loads
+    # and gives the objective it reported
+    assert os.path.basename(os.path.dirname(best.run_summary)).startswith("run_trial")
+    assert os.path.isfile(os.path.join(best.run_summary, "model.safetensors"))
+    model = type(tiny_gpt2()).from_pretrained(best.run_summary)
+    check = raytrainer.Trainer(model=model, args=sweep_args(tmp_path / "check"), eval_dataset=lm_examples(16, seed=3))
+    assert check.evaluate()["eval_loss"] == pytest.approx(best.objective, rel=1e-5)
+
+
+def test_optuna_style_space_from_the_docs_minimize_and_maximize(ray_cluster, tmp_path):
+    def hp_space(trial):  # as in the transformers docs (shared/seeds)
+        return {
+            "learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", 0.0, 0.1),
+        }
+
+    runs = {}
+    for direction in ("minimize", "maximize"):
+        trainer = sweep_trainer(tmp_path / direction, max_steps=2, save_strategy="no")
+        runs[direction] = trainer.hyperparameter_search(hp_space=hp_space, n_trials=3, direction=direction,
+                                                        name=direction)
+        table = trainer.sweep_results.get_dataframe()
+        assert len(table) == 3 and table["config/learning_rate"].between(1e-5, 1e-3).all()
+        expected = table["objective"].min() if direction == "minimize" else table["objective"].max()
+        assert runs[direction].objective == pytest.approx(expected)
+        assert set(runs[direction].hyperparameters) == {"learning_rate", "weight_decay"}
+
+
+def test_errors_before_any_trial_starts(ray_cluster, tmp_path):
+    no_init = raytrainer.Trainer(model=tiny_gpt2(), args=sweep_args(tmp_path / "a"), train_dataset=lm_examples(8),
+                                 eval_dataset=lm_examples(8))
+    with pytest.raises(ValueError, match="model_init"):
+        no_init.hyperparameter_search(hp_space={"learning_rate": tune.uniform(1e-5, 1e-3)}, n_trials=1)
+    trainer = sweep_trainer(tmp_path / "b")
+    with pytest.raises(ValueError, match="learnig_rate"):  # a typo: neither a field nor taken by model_init()
+        raytrainer.Trainer(model_init=lambda: tiny_gpt2(), args=sweep_args(tmp_path / "c"),
+                           train_dataset=lm_examples(8), eval_dataset=lm_examples(8)).hyperparameter_search(
+            hp_space={"learnig_rate": tune.uniform(1e-5, 1e-3)}, n_trials=1)
+    with pytest.raises(ValueError, match="empty|low|high"):
+        trainer.hyperparameter_search(hp_space={"learning_rate": tune.uniform(1e-3, 1e-5)}, n_trials=1)
+    too_big = sweep_trainer(tmp_path / "d", num_workers=8)
+    with pytest.raises(ValueError, match="one trial needs"):
+        too_big.hyperparameter_search(hp_space={"learning_rate": tune.uniform(1e-5, 1e-3)}, n_trials=1)
+    assert not (tmp_path / "b-hp-search").exists() and not (tmp_path / "d-hp-search").exists()
+
+
+def test_two_worker_trials(ray_cluster, tmp_path):
+    """Each trial is a 2-worker raytrainer run; its evaluations stream to Tune while it trains."""
+    trainer = sweep_trainer(tmp_path / "multi", num_workers=2, per_device_train_batch_size=2, max_steps=6)
+    best = trainer.hyperparameter_search(hp_space={"learning_rate": tune.grid_search([1e-2, 1e-8])}, n_trials=1,
+                                         scheduler="asha", max_concurrent_trials=1, name="multi")
+    table = trainer.sweep_results.get_dataframe()
+    iterations = dict(zip(table["config/learning_rate"], table["training_iteration"]))
+    assert iterations[1e-2] == 3 and iterations[1e-8] < 3, iterations
+    assert best.hyperparameters["learning_rate"] == 1e-2
+    assert os.path.isfile(os.path.join(best.run_summary, "model.safetensors"))
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(best.run_summary))
