@@ -79,6 +79,30 @@ def apply_tf32(args) -> None:
             enable(bool(args.tf32))
 
 
+def apply_hyperparameters_after_resume(optimizer, scheduler, args) -> None:
+    """A PBT exploit resumed another trial's state: this trial's learning_rate / weight_decay win.
+
+    The learning rate is rescaled where the schedule keeps it (the scheduler's base_lrs, each group's
+    initial_lr and its current lr), so the schedule continues at the donor's step with this trial's
+    peak value; the optimizer's moments stay the donor's. Weight decay replaces every non-zero group's.
+    """
+    base = list(getattr(scheduler, "base_lrs", None) or [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups])
+    reference = max(base) if base else 0.0
+    if reference > 0:
+        ratio = args.learning_rate / reference
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [b * ratio for b in scheduler.base_lrs]
+        for group in optimizer.param_groups:
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+            group["lr"] *= ratio
+        if scheduler is not None and hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        if group.get("weight_decay", 0.0):
+            group["weight_decay"] = args.weight_decay
+
+
 class TrainingLoop:
     def __init__(self, trainer):
         self.t = trainer
@@ -182,6 +206,8 @@ class TrainingLoop:
             scaler_file = os.path.join(resume_from_checkpoint, "scaler.pt")
             if os.path.isfile(scaler_file):
                 strategy.load_scaler_state(torch.load(scaler_file, weights_only=True))
+            if getattr(t, "_hyperparameters_override_checkpoint", False):
+                apply_hyperparameters_after_resume(t.optimizer, t.lr_scheduler, args)
         for attr in ("model", "optimizer", "lr_scheduler"):
             setattr(t.callback_handler, attr, getattr(t, attr))
         t.callback_handler.train_dataloader = train_dataloader

@@ -6,9 +6,11 @@ asynchronous, so a bad trial is stopped at a rung only once a better one has rec
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
+import transformers
 from ray import tune
 
 import raytrainer
@@ -111,3 +113,59 @@ def test_two_worker_trials(ray_cluster, tmp_path):
     assert best.hyperparameters["learning_rate"] == 1e-2
     assert os.path.isfile(os.path.join(best.run_summary, "model.safetensors"))
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(best.run_summary))
+
+
+class TrialRecorder(transformers.TrainerCallback):
+    """Inside each trial: the weights it starts from and the learning rate its optimizer really uses."""
+
+    def _write(self, args, row):
+        with open(os.path.join(args.output_dir, "record.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._write(args, {"begin": state.global_step, "digest": digest(model), "config_lr": args.learning_rate})
+
+    def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        self._write(args, {"step": state.global_step, "lr": optimizer.param_groups[0]["lr"],
+                           "base_lr": lr_scheduler.base_lrs[0], "config_lr": args.learning_rate})
+
+
+def digest(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def test_pbt_exploit_copies_the_donor_state_and_keeps_the_mutated_lr(ray_cluster, tmp_path):
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    mutated = [3e-3, 4e-3]
+    trainer = sweep_trainer(tmp_path / "pbt", max_steps=8, lr_scheduler_type="constant", save_total_limit=None)
+    trainer.add_callback(TrialRecorder())
+    pbt = PopulationBasedTraining(time_attr="training_iteration", metric="objective", mode="min",
+                                  perturbation_interval=1, quantile_fraction=0.5, resample_probability=1.0,
+                                  hyperparam_mutations={"learning_rate": mutated})
+    trainer.hyperparameter_search(hp_space={"learning_rate": tune.grid_search([1e-2, 1e-7])}, n_trials=1,
+                                  scheduler=pbt, name="pbt")
+    runs = {d: [json.loads(line) for line in open(tmp_path / "pbt" / d / "record.jsonl")]
+            for d in os.listdir(tmp_path / "pbt") if (tmp_path / "pbt" / d / "record.jsonl").exists()}
+    assert len(runs) == 2
+    exploits = 0
+    for name, rows in runs.items():
+        others = [tmp_path / "pbt" / other for other in runs if other != name]
+        current = None
+        for row in rows:
+            if "begin" in row:
+                step = row["begin"]
+                exploit = current is not None and row["config_lr"] != current["config_lr"]
+                if step > 0:  # restored: from a better trial's checkpoint (exploit) or its own (Tune paused it)
+                    sources = others if exploit else [tmp_path / "pbt" / name]
+                    digests = [digest(type(tiny_gpt2()).from_pretrained(d / f"checkpoint-{step}")) for d in sources
+                               if (d / f"checkpoint-{step}").is_dir()]
+                    assert row["digest"] in digests, (name, row, digests)
+                if exploit:
+                    exploits += 1
+                    assert row["config_lr"] in mutated
+                current = row
+            elif current["config_lr"] in mutated:  # every step after an exploit runs on the mutated lr
+                assert row["lr"] == pytest.approx(current["config_lr"]), row
+                assert row["base_lr"] == pytest.approx(current["config_lr"])
+    assert exploits >= 1

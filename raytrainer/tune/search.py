@@ -50,9 +50,10 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     space = to_tune_space(hp_space)
     check_search(args, space, trainer.model_init, n_trials=n_trials, direction=direction,
                  compute_objective=compute_objective, scheduler=scheduler)
-    if is_pbt(scheduler):
-        raise ValueError("scheduler='pbt' is not available in this raytrainer build yet (its exploit must copy the "
-                         "donor's whole training state); use scheduler='asha' or None.")
+    pbt = is_pbt(scheduler)
+    if pbt:
+        _check_pbt(args)
+        perturbation_interval = perturbation_interval or 1
     mode = direction_to_mode(direction)
     # max_t one past the last evaluation: a trial that reaches max_t is stopped at once, before the save
     # that follows its last evaluation, and the run would lose its final checkpoint
@@ -71,18 +72,19 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, blueprint=blueprint, compute_objective=compute_objective,
-                             storage_path=storage_path, sweep=name, hp_name=hp_name),
+                             storage_path=storage_path, sweep=name, hp_name=hp_name, report_checkpoints=pbt),
         resources,
     )
+    has_metric = getattr(tune_scheduler, "_metric", None) is not None
     path = os.path.join(storage_path, name) if "://" not in storage_path else f"{storage_path}/{name}"
     if resume and tune.Tuner.can_restore(path, storage_filesystem=args.storage_filesystem):
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=args.storage_filesystem)
     else:
         tuner = tune.Tuner(
             trainable, param_space=space,
-            # a scheduler built here carries metric/mode itself; Tune refuses them twice
-            tune_config=tune.TuneConfig(metric=None if tune_scheduler else "objective",
-                                        mode=None if tune_scheduler else (mode if isinstance(mode, str) else mode[0]),
+            # a scheduler that carries metric/mode itself gets none here: Tune refuses them twice
+            tune_config=tune.TuneConfig(metric=None if has_metric else "objective",
+                                        mode=None if has_metric else (mode if isinstance(mode, str) else mode[0]),
                                         num_samples=n_trials, scheduler=tune_scheduler, search_alg=search_alg,
                                         max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(name=name, storage_path=storage_path,
@@ -112,6 +114,22 @@ def best_checkpoint_of(run_dir: str | None) -> str | None:
     with open(os.path.join(latest, TRAINER_STATE)) as f:
         best = json.load(f).get("best_model_checkpoint")
     return best if best and os.path.isdir(best) else latest
+
+
+def _check_pbt(args) -> None:
+    """PBT exploits at a report; each report must carry the checkpoint of the evaluation it reports."""
+    value = lambda x: str(getattr(x, "value", x))  # noqa: E731
+    if args.num_workers > 0:
+        raise ValueError("scheduler='pbt' runs in-process trials (num_workers=0) in this build; multi-worker PBT "
+                         "trials are not available yet: use scheduler='asha', or num_workers=0.")
+    if value(args.eval_strategy) == "no" or value(args.save_strategy) != value(args.eval_strategy) or (
+            value(args.eval_strategy) == "steps" and args.save_steps != args.eval_steps):
+        raise ValueError(
+            f"scheduler='pbt' needs a checkpoint at every evaluation: set save_strategy == eval_strategy and "
+            f"save_steps == eval_steps (got save_strategy={value(args.save_strategy)!r}, save_steps={args.save_steps}, "
+            f"eval_strategy={value(args.eval_strategy)!r}, eval_steps={args.eval_steps}); perturbation_interval "
+            "counts evaluations."
+        )
 
 
 def _max_reports(args) -> int:

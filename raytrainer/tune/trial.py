@@ -22,19 +22,35 @@ from .validate import split_params
 
 
 class ReportObjective(TrainerCallback):
-    """In-process trials: report each evaluation's objective to Tune as it happens."""
+    """In-process trials: report each evaluation's objective to Tune as it happens.
 
-    def __init__(self, report):
+    With with_checkpoint (PBT) the report waits for the checkpoint of that evaluation's step (on_save,
+    fired once the folder is complete) and carries it: PBT exploits a trial's reported checkpoint.
+    """
+
+    def __init__(self, report, with_checkpoint=False):
         self.report = report
+        self.with_checkpoint = with_checkpoint
         self.reported = 0
+        self._evaluations: dict[int, dict] = {}  # step -> metrics, waiting for that step's checkpoint
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if state.is_world_process_zero and metrics:
-            self.report(metrics, state)
+        if not (state.is_world_process_zero and metrics):
+            return
+        if self.with_checkpoint:
+            self._evaluations[state.global_step] = dict(metrics)
+            return
+        self.report(metrics, state, None)
+        self.reported += 1
+
+    def on_save(self, args, state, control, **kwargs):
+        metrics = self._evaluations.pop(state.global_step, None)
+        if self.with_checkpoint and metrics is not None:
+            self.report(metrics, state, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
             self.reported += 1
 
 
-def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name):
+def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name, report_checkpoints=False):
     from ray import tune
 
     context = tune.get_context()
@@ -57,13 +73,34 @@ def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name
                 "trial_id": context.get_trial_id(), "run_dir": run_dir or ""}
 
     if args.num_workers == 0:
-        reporter = ReportObjective(lambda m, s: tune.report(metrics_for_tune(m, s)))
+        def report(metrics, state, folder):
+            checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
+            tune.report(metrics_for_tune(metrics, state), checkpoint=checkpoint)
+
+        reporter = ReportObjective(report, with_checkpoint=report_checkpoints)
         trainer.add_callback(reporter)
-        trainer.train(trial=config)
+        resume = None
+        # Tune restarted this trial: PBT exploited a better trial's checkpoint, or paused this one (its own)
+        exploited = tune.get_checkpoint()
+        if exploited is not None:
+            resume = exploited.to_directory()
+            if _global_step(resume) >= args.max_steps > 0:
+                return  # Tune paused this trial at its last report; the run is complete
+            # the donor's whole state (weights, optimizer, scheduler, RNG, data position), then this
+            # trial's mutated hyperparameters on top (loop.py: apply_hyperparameters_after_resume)
+            trainer._hyperparameters_override_checkpoint = True
+        trainer.train(resume_from_checkpoint=resume, trial=config)
         if not reporter.reported:  # no evaluation during training: evaluate once at the end, as transformers does
             tune.report(metrics_for_tune(trainer.evaluate(), trainer.state))
         return
     _run_multi_worker(trainer, config, metrics_for_tune, tune.report)
+
+
+def _global_step(checkpoint_dir: str) -> int:
+    import json
+
+    with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
+        return json.load(f).get("global_step", 0)
 
 
 def _run_multi_worker(trainer, config, metrics_for_tune, report):
