@@ -169,3 +169,58 @@ def test_pbt_exploit_copies_the_donor_state_and_keeps_the_mutated_lr(ray_cluster
                 assert row["lr"] == pytest.approx(current["config_lr"]), row
                 assert row["base_lr"] == pytest.approx(current["config_lr"])
     assert exploits >= 1
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {repo!r})
+from ray import tune
+from tests.test_tune_search import sweep_trainer
+trainer = sweep_trainer({out!r}, max_steps=4, save_strategy="no")
+trainer.hyperparameter_search(hp_space={{"learning_rate": tune.grid_search([1e-2, 5e-3, 2e-3, 1e-3])}}, n_trials=1,
+                              max_concurrent_trials=1, name="resumable")
+"""
+
+
+def finished_trials(sweep) -> dict:
+    """{trial folder: its result.json text} for trials that reported both evaluations (4 steps, eval every 2)."""
+    done = {}
+    for d in sweep.glob("run_trial_*_*_learning_rate=*"):
+        result = d / "result.json"
+        lines = result.read_text().splitlines() if result.exists() else []
+        if lines and lines[-1].endswith("}") and json.loads(lines[-1]).get("training_iteration") == 2:
+            done[d.name] = result.read_text()
+    return done
+
+
+def test_a_sweep_survives_its_driver(ray_cluster, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(repo=repo, out=str(tmp_path / "resumable-out")))
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    driver = subprocess.Popen([sys.executable, str(script)], env=env, cwd=repo,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sweep = tmp_path / "resumable"
+    deadline = time.monotonic() + 300
+    try:
+        while len(finished_trials(sweep)) < 2:  # poll the sweep's own files; the driver is killed after 2 trials
+            assert driver.poll() is None, "the driver ended before it could be killed"
+            assert time.monotonic() < deadline, "the first trials did not finish in 300 s"
+            time.sleep(0.5)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    before = finished_trials(sweep)
+    trainer = sweep_trainer(tmp_path / "resumable-out", max_steps=4, save_strategy="no")
+    best = trainer.hyperparameter_search(hp_space={"learning_rate": tune.grid_search([1e-2, 5e-3, 2e-3, 1e-3])},
+                                         n_trials=1, max_concurrent_trials=1, name="resumable", resume=True)
+    after = finished_trials(sweep)
+    assert len(after) == 4
+    for name, text in before.items():  # the finished trials were not run again
+        assert after[name] == text
+    assert best.hyperparameters["learning_rate"] in (1e-2, 5e-3, 2e-3, 1e-3)

@@ -87,7 +87,7 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
                                         mode=None if has_metric else (mode if isinstance(mode, str) else mode[0]),
                                         num_samples=n_trials, scheduler=tune_scheduler, search_alg=search_alg,
                                         max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path,
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[TrialLines()],
                                       storage_filesystem=args.storage_filesystem, verbose=0),
         )
     results = tuner.fit()
@@ -100,6 +100,39 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     best = best_run(rows, direction)
     run_dir = next((r["run_dir"] for r in rows if r["trial_id"] == best.run_id), None)
     return type(best)(best.run_id, best.objective, best.hyperparameters, best_checkpoint_of(run_dir))
+
+
+def _trial_lines_class():
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        """One plain line on the driver per trial event (Tune's own table is off: verbose=0)."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            print(f"[hp-search] trial {trial.trial_id} started: {_short(trial.config)}", flush=True)
+
+        def on_trial_restore(self, iteration, trials, trial, **info):
+            print(f"[hp-search] trial {trial.trial_id} restarted from a checkpoint with {_short(trial.config)}",
+                  flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            how = "finished" if last.get("done") else "stopped early by the scheduler"
+            print(f"[hp-search] trial {trial.trial_id} {how} at step {last.get('step')}: objective "
+                  f"{last.get('objective')}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[hp-search] trial {trial.trial_id} failed: see {trial.path}", flush=True)
+
+    return TrialLines
+
+
+def TrialLines():  # noqa: N802 - a factory: ray.tune is imported only when a search runs
+    return _trial_lines_class()()
+
+
+def _short(config: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
 
 def best_checkpoint_of(run_dir: str | None) -> str | None:
