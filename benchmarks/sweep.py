@@ -65,19 +65,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--workers", type=int, default=0, help="raytrainer trials' num_workers (0: in the trial)")
+    p.add_argument("--contenders", default="hf,rt", help="comma list of hf, rt")
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "sweep.json"))
     cfg = p.parse_args(argv)
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": ":".join(sys.path)}})
     work = tempfile.mkdtemp(prefix="rt-sweep-")
-    walls = {"hf": [], "rt": []}
+    names = [n for n in cfg.contenders.split(",") if n]
+    walls = {n: [] for n in names}
     for rep in range(cfg.reps):
-        for name in (["hf", "rt"] if rep % 2 == 0 else ["rt", "hf"]):
+        for name in (names if rep % 2 == 0 else names[::-1]):
             walls[name].append(run(name, work, cfg.workers if name == "rt" else 0))
     med = {k: statistics.median(v) for k, v in walls.items()}
-    print(f"ASHA, 4 trials: transformers backend='ray' {med['hf']:.1f} s, raytrainer (num_workers={cfg.workers}) "
-          f"{med['rt']:.1f} s: {med['rt'] / med['hf']:.2f}x (target <= 1.0x)")
+    print("ASHA, 4 trials: " + ", ".join(f"{k} {v:.1f} s" for k, v in med.items()) +
+          (f": {med['rt'] / med['hf']:.2f}x (target <= 1.0x)" if len(med) == 2 else ""))
     Path(cfg.json).write_text(json.dumps({"walls_s": walls, "median_s": med, "workers": cfg.workers}, indent=2))
 
 

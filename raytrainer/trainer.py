@@ -43,6 +43,7 @@ LAZY_BASE_ATTRS = {
     "_initial_num_input_tokens_seen", "_initial_global_step", "current_gradient_accumulation_steps",
     "_eval_dataloaders", "_past", "_train_dataloader", "is_in_train", "hp_search_backend", "hp_space", "hp_name",
     "objective", "compute_objective", "accelerator", "model_wrapped", "optimizer", "lr_scheduler",
+    "sweep_results",  # hyperparameter_search's ResultGrid: the driver's, never sent to workers
 }
 
 
