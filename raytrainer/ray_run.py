@@ -224,7 +224,10 @@ def _ensure_ray(**init_kwargs):
         # folders), so callbacks and Trainer subclasses defined there unpickle on the workers.
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         init_kwargs.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}})
-        init_kwargs.setdefault("include_dashboard", False)
+        # with the dashboard: Ray Train's PlacementGroupCleaner asks its state API whether a controller is
+        # alive; without it a controller killed from outside (a trial stopped by ASHA) leaks its workers'
+        # placement group, and the next trial's worker group waits for CPUs that never come back
+        init_kwargs.setdefault("include_dashboard", True)
     ray.init(address=address, **init_kwargs)
 
 

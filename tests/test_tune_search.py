@@ -105,12 +105,14 @@ def test_errors_before_any_trial_starts(ray_cluster, tmp_path):
 def test_two_worker_trials(ray_cluster, tmp_path):
     """Each trial is a 2-worker raytrainer run; its evaluations stream to Tune while it trains."""
     trainer = sweep_trainer(tmp_path / "multi", num_workers=2, per_device_train_batch_size=2, max_steps=6)
-    best = trainer.hyperparameter_search(hp_space={"learning_rate": tune.grid_search([1e-2, 1e-8])}, n_trials=1,
-                                         scheduler="asha", max_concurrent_trials=1, name="multi")
+    # the bad trial is stopped by ASHA while its workers run; the next trial must get their CPUs back
+    best = trainer.hyperparameter_search(hp_space={"learning_rate": tune.grid_search([1e-2, 1e-8, 5e-3])},
+                                         n_trials=1, scheduler="asha", max_concurrent_trials=1, name="multi")
     table = trainer.sweep_results.get_dataframe()
     iterations = dict(zip(table["config/learning_rate"], table["training_iteration"]))
-    assert iterations[1e-2] == 3 and iterations[1e-8] < 3, iterations
-    assert best.hyperparameters["learning_rate"] == 1e-2
+    assert iterations[1e-2] == 3 and iterations[1e-8] < 3 and iterations[5e-3] >= 1, iterations
+    objectives = dict(zip(table["config/learning_rate"], table["objective"]))
+    assert best.hyperparameters["learning_rate"] == min(objectives, key=objectives.get) != 1e-8
     assert os.path.isfile(os.path.join(best.run_summary, "model.safetensors"))
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(best.run_summary))
 
