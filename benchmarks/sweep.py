@@ -70,7 +70,7 @@ def main(argv=None):
     cfg = p.parse_args(argv)
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": ":".join(sys.path)}})
+    ray.init(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": ":".join(sys.path)}})
     work = tempfile.mkdtemp(prefix="rt-sweep-")
     names = [n for n in cfg.contenders.split(",") if n]
     walls = {n: [] for n in names}

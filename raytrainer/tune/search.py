@@ -87,7 +87,7 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
                                         mode=None if has_metric else (mode if isinstance(mode, str) else mode[0]),
                                         num_samples=n_trials, scheduler=tune_scheduler, search_alg=search_alg,
                                         max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[TrialLines()],
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[TrialLines(args.max_steps)],
                                       storage_filesystem=args.storage_filesystem, verbose=0),
         )
     results = tuner.fit()
@@ -108,6 +108,9 @@ def _trial_lines_class():
     class TrialLines(tune.Callback):
         """One plain line on the driver per trial event (Tune's own table is off: verbose=0)."""
 
+        def __init__(self, max_steps):
+            self.max_steps = max_steps
+
         def on_trial_start(self, iteration, trials, trial, **info):
             print(f"[hp-search] trial {trial.trial_id} started: {_short(trial.config)}", flush=True)
 
@@ -116,10 +119,10 @@ def _trial_lines_class():
                   flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            # Tune marks a trial the scheduler stopped as done too: the step tells an early stop
             last = trial.last_result or {}
-            how = "finished" if last.get("done") else "stopped early by the scheduler"
-            print(f"[hp-search] trial {trial.trial_id} {how} at step {last.get('step')}: objective "
-                  f"{last.get('objective')}", flush=True)
+            print(f"[hp-search] trial {trial.trial_id} ended at step {last.get('step')} "
+                  f"(max_steps {self.max_steps}): objective {last.get('objective')}", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             print(f"[hp-search] trial {trial.trial_id} failed: see {trial.path}", flush=True)
@@ -127,8 +130,8 @@ def _trial_lines_class():
     return TrialLines
 
 
-def TrialLines():  # noqa: N802 - a factory: ray.tune is imported only when a search runs
-    return _trial_lines_class()()
+def TrialLines(max_steps):  # noqa: N802 - a factory: ray.tune is imported only when a search runs
+    return _trial_lines_class()(max_steps)
 
 
 def _short(config: dict) -> str:
