@@ -143,7 +143,7 @@ def test_pbt_exploit_copies_the_donor_state_and_keeps_the_mutated_lr(ray_cluster
     trainer = sweep_trainer(tmp_path / "pbt", max_steps=8, lr_scheduler_type="constant", save_total_limit=None)
     trainer.add_callback(TrialRecorder())
     pbt = PopulationBasedTraining(time_attr="training_iteration", metric="objective", mode="min",
-                                  perturbation_interval=1, quantile_fraction=0.5, resample_probability=1.0,
+                                  perturbation_interval=1, quantile_fraction=0.5, resample_probability=1.0, synch=True,
                                   hyperparam_mutations={"learning_rate": mutated})
     trainer.hyperparameter_search(hp_space={"learning_rate": tune.grid_search([1e-2, 1e-7])}, n_trials=1,
                                   scheduler=pbt, name="pbt")
@@ -157,15 +157,16 @@ def test_pbt_exploit_copies_the_donor_state_and_keeps_the_mutated_lr(ray_cluster
         for row in rows:
             if "begin" in row:
                 step = row["begin"]
-                exploit = current is not None and row["config_lr"] != current["config_lr"]
-                if step > 0:  # restored: from a better trial's checkpoint (exploit) or its own (Tune paused it)
-                    sources = others if exploit else [tmp_path / "pbt" / name]
-                    digests = [digest(type(tiny_gpt2()).from_pretrained(d / f"checkpoint-{step}")) for d in sources
-                               if (d / f"checkpoint-{step}").is_dir()]
-                    assert row["digest"] in digests, (name, row, digests)
-                if exploit:
-                    exploits += 1
-                    assert row["config_lr"] in mutated
+                if step > 0:  # restored: from a better trial's checkpoint (an exploit) or its own (Tune paused it)
+                    def digests(folders):
+                        return [digest(type(tiny_gpt2()).from_pretrained(d / f"checkpoint-{step}")) for d in folders
+                                if (d / f"checkpoint-{step}").is_dir()]
+
+                    own, theirs = digests([tmp_path / "pbt" / name]), digests(others)
+                    assert row["digest"] in own + theirs, (name, row, own, theirs)
+                    if row["digest"] in theirs and row["digest"] not in own:  # the donor's weights, exactly
+                        exploits += 1
+                        assert row["config_lr"] in mutated  # with this trial's mutated lr, not the donor's
                 current = row
             elif current["config_lr"] in mutated:  # every step after an exploit runs on the mutated lr
                 assert row["lr"] == pytest.approx(current["config_lr"]), row
