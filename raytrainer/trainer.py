@@ -194,11 +194,11 @@ class Trainer(transformers.Trainer):
                                      direction=direction, backend=backend, hp_name=hp_name, **kwargs)
 
     # ------------------------------------------------------------------ the Hub
+    # Ray workers never reach these: their args have push_to_hub=False (the driver pushes)
+    _hub_unreachable = None  # why the Hub could not be reached, once init_hf_repo has failed
+
     def init_hf_repo(self, token=None, private=None):
         """transformers' repo creation; without a network, one clear line and training goes on."""
-        self._hub_unreachable = None
-        if self._in_worker:  # under Ray the driver pushes (save_model / push_to_hub); workers never do
-            return None
         try:
             return super().init_hf_repo(token=token, private=private)
         except Exception as e:  # noqa: BLE001 - offline mode, no route, bad token: all mean "not now"
@@ -210,21 +210,20 @@ class Trainer(transformers.Trainer):
             return None
 
     def push_to_hub(self, commit_message="End of training", blocking=True, token=None, revision=None, **kwargs):
-        if getattr(self, "_hub_unreachable", None) is None and self.hub_model_id is None and not self._in_worker:
+        if self._hub_unreachable is None and self.hub_model_id is None:
             self.init_hf_repo(token=token)
-        if self._in_worker or getattr(self, "_hub_unreachable", None):
+        if self._hub_unreachable:
             # what push_to_hub would upload stays on disk: the model (saved by the caller) and its card
             self.create_model_card(model_name=self.args.hub_model_id or os.path.basename(
                 os.path.abspath(self.args.output_dir)), **{k: v for k, v in kwargs.items() if k in _CARD_ARGS})
-            if not self._in_worker:
-                logger.warning("push_to_hub: not pushed (the Hub is unreachable); model card written to %s",
-                               os.path.join(self.args.output_dir, "README.md"))
+            logger.warning("push_to_hub: not pushed (the Hub is unreachable); model card written to %s",
+                           os.path.join(self.args.output_dir, "README.md"))
             return None
         return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token,
                                    revision=revision, **kwargs)
 
     def _push_from_checkpoint(self, checkpoint_folder):
-        if getattr(self, "_hub_unreachable", None) or self._in_worker or self.hub_model_id is None:
+        if self._hub_unreachable or self.hub_model_id is None:
             return None
         return super()._push_from_checkpoint(checkpoint_folder)
 

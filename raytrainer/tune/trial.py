@@ -57,12 +57,16 @@ def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name
     trial_name = hp_name(config) if hp_name is not None else context.get_trial_name()
     overrides, _ = split_params(config, blueprint.ctor["args"])
     base_args = blueprint.ctor["args"]
-    run_dir = os.path.join(storage_path, sweep, trial_name) if "://" not in storage_path else None
-    extra = {"output_dir": run_dir} if run_dir else {"output_dir": os.path.join(base_args.output_dir, trial_name),
-                                                     "storage_path": f"{storage_path}/{sweep}", "run_name": trial_name}
-    args = dataclasses.replace(base_args, **overrides, **extra)
-    if args.num_workers > 0 and run_dir:
-        args = dataclasses.replace(args, storage_path=os.path.join(storage_path, sweep), run_name=trial_name)
+    if "://" in storage_path:  # the trial stages in output_dir; its run folder is in the bucket
+        run_dir = None
+        placement = {"output_dir": os.path.join(base_args.output_dir, trial_name),
+                     "storage_path": f"{storage_path}/{sweep}", "run_name": trial_name}
+    else:  # <storage>/<sweep>/<trial>/checkpoint-<step>, in-process or persisted there by Ray Train
+        run_dir = os.path.join(storage_path, sweep, trial_name)
+        placement = {"output_dir": run_dir}
+        if base_args.num_workers > 0:  # (num_workers is never searched: validate.PER_SEARCH_FIELDS)
+            placement.update(storage_path=os.path.join(storage_path, sweep), run_name=trial_name)
+    args = dataclasses.replace(base_args, **overrides, **placement)
     bp = dataclasses.replace(blueprint, ctor=dict(blueprint.ctor, args=args))
     trainer = bp.build()
     objective = compute_objective or default_objective
