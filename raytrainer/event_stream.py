@@ -73,11 +73,16 @@ class StreamToDriver(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self._post("on_train_end", state)
 
+    def checkpoint_persisted(self, state, path_in_storage: str) -> None:
+        """Rank 0, once Ray has the checkpoint of this step in storage (a PBT trial reports it to Tune)."""
+        self._post("checkpoint_persisted", state, path=path_in_storage)
+
 
 class DriverStream:
     """`with DriverStream(trainer) as s:` around a Ray fit; afterwards s.final_state holds rank 0's state.
 
-    `listeners` get (metrics, state) for each evaluation, live (a multi-worker Tune trial reports them).
+    `listeners` get ("evaluate", metrics, state) for each evaluation and ("checkpoint", path in storage,
+    state) once a checkpoint is persisted, live: a multi-worker Tune trial reports them to Tune.
     """
 
     listeners: list = []
@@ -111,7 +116,12 @@ class DriverStream:
         import ray
 
         while not self._stop.wait(0.25):
-            self._dispatch(ray.get(self.box.drain.remote()))
+            try:
+                items = ray.get(self.box.drain.remote())
+            except ray.exceptions.RayError:
+                # this process is being torn down (Tune paused or stopped the trial that owns the box)
+                return
+            self._dispatch(items)
 
     def _dispatch(self, items):
         trainer = self.trainer
@@ -124,7 +134,13 @@ class DriverStream:
                 setattr(state, k, v)
             state.is_world_process_zero = state.is_local_process_zero = True
             if event == "on_evaluate":
-                for listener in list(self.listeners):
-                    listener((kwargs.get("metrics") or {}, state))
+                self._tell("evaluate", kwargs.get("metrics") or {}, state)
+            if event == "checkpoint_persisted":
+                self._tell("checkpoint", kwargs["path"], state)
+                continue
             for cb in self.display:
                 getattr(cb, event)(trainer.args, state, trainer.control, **kwargs)
+
+    def _tell(self, kind, payload, state):
+        for listener in list(self.listeners):
+            listener((kind, payload, state))

@@ -529,8 +529,13 @@ class WorkerRun:
         else:
             trainer._fire_on_save(pending)
             self._report(trainer, pending.final_dir)
-        if dist.get_rank() == 0 and self.args.save_total_limit:
-            self._rotate(trainer.state.best_model_checkpoint)
+        if dist.get_rank() == 0:
+            stream = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StreamToDriver)), None)
+            if stream is not None:  # persisted now (report returned): a PBT trial may hand it to Tune
+                stream.checkpoint_persisted(pending.state or trainer.state,
+                                            f"{self.spec.run_dir}/{os.path.basename(pending.final_dir)}")
+            if self.args.save_total_limit:
+                self._rotate(trainer.state.best_model_checkpoint)
 
     def _report(self, trainer, local_dir: str) -> None:
         import ray.train

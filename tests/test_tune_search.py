@@ -121,10 +121,13 @@ class TrialRecorder(transformers.TrainerCallback):
     """Inside each trial: the weights it starts from and the learning rate its optimizer really uses."""
 
     def _write(self, args, row):
+        if not self.is_rank0:  # a multi-worker trial runs this callback on every rank
+            return
         with open(os.path.join(args.output_dir, "record.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.is_rank0 = state.is_world_process_zero
         self._write(args, {"begin": state.global_step, "digest": digest(model), "config_lr": args.learning_rate})
 
     def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
@@ -136,15 +139,21 @@ def digest(model) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
-def test_pbt_exploit_copies_the_donor_state_and_keeps_the_mutated_lr(ray_cluster, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pbt_exploit_copies_the_donor_state_and_keeps_the_mutated_lr(ray_cluster, tmp_path, workers):
+    """In-process trials and 2-worker trials (0.5 CPU a worker: both trials fit the 4-CPU cluster at once)."""
     from ray.tune.schedulers import PopulationBasedTraining
 
     mutated = [3e-3, 4e-3]
-    trainer = sweep_trainer(tmp_path / "pbt", max_steps=8, lr_scheduler_type="constant", save_total_limit=None)
+    multi = dict(num_workers=2, per_device_train_batch_size=2, resources_per_worker={"CPU": 0.5}) if workers else {}
+    trainer = sweep_trainer(tmp_path / "pbt", max_steps=6 if workers else 8, lr_scheduler_type="constant",
+                            save_total_limit=None, **multi)
     trainer.add_callback(TrialRecorder())
-    pbt = PopulationBasedTraining(time_attr="training_iteration", metric="objective", mode="min",
-                                  perturbation_interval=1, quantile_fraction=0.5, resample_probability=1.0, synch=True,
-                                  hyperparam_mutations={"learning_rate": mutated})
+    # 2-worker trials perturb once, at step 4 of 6: each restart is a worker-group start
+    interval = dict(time_attr="step", perturbation_interval=4) if workers else \
+        dict(time_attr="training_iteration", perturbation_interval=1)
+    pbt = PopulationBasedTraining(metric="objective", mode="min", quantile_fraction=0.5, resample_probability=1.0,
+                                  synch=True, hyperparam_mutations={"learning_rate": mutated}, **interval)
     trainer.hyperparameter_search(hp_space={"learning_rate": tune.grid_search([1e-2, 1e-7])}, n_trials=1,
                                   scheduler=pbt, name="pbt")
     runs = {d: [json.loads(line) for line in open(tmp_path / "pbt" / d / "record.jsonl")]
@@ -167,6 +176,8 @@ def test_pbt_exploit_copies_the_donor_state_and_keeps_the_mutated_lr(ray_cluster
                     if row["digest"] in theirs and row["digest"] not in own:  # the donor's weights, exactly
                         exploits += 1
                         assert row["config_lr"] in mutated  # with this trial's mutated lr, not the donor's
+                        if workers:  # the donor's checkpoint was copied into this trial's run folder
+                            assert list((tmp_path / "pbt" / name).glob(f"exploit-checkpoint-{step}-from-*"))
                 current = row
             elif current["config_lr"] in mutated:  # every step after an exploit runs on the mutated lr
                 assert row["lr"] == pytest.approx(current["config_lr"]), row

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 
 from ..crossing import TrainerBlueprint
 from .objective import best_run, direction_to_mode
@@ -90,7 +91,10 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
             run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[TrialLines(args.max_steps)],
                                       storage_filesystem=args.storage_filesystem, verbose=0),
         )
-    results = tuner.fit()
+    with warnings.catch_warnings():
+        # Tune's advice to implement reset_config is for class Trainables; a trial here is a function
+        warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
+        results = tuner.fit()
     trainer.sweep_results = results  # the trials table: results.get_dataframe()
     rows = []
     for result in results:
@@ -110,13 +114,16 @@ def _trial_lines_class():
 
         def __init__(self, max_steps):
             self.max_steps = max_steps
+            self.started = set()
 
         def on_trial_start(self, iteration, trials, trial, **info):
+            if trial.trial_id in self.started:  # PBT paused it, or exploited another trial's checkpoint
+                step = (trial.last_result or {}).get("step")
+                print(f"[hp-search] trial {trial.trial_id} restarted from a checkpoint (reported step {step}) with "
+                      f"{_short(trial.config)}", flush=True)
+                return
+            self.started.add(trial.trial_id)
             print(f"[hp-search] trial {trial.trial_id} started: {_short(trial.config)}", flush=True)
-
-        def on_trial_restore(self, iteration, trials, trial, **info):
-            print(f"[hp-search] trial {trial.trial_id} restarted from a checkpoint with {_short(trial.config)}",
-                  flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             # Tune marks a trial the scheduler stopped as done too: the step tells an early stop
@@ -155,9 +162,6 @@ def best_checkpoint_of(run_dir: str | None) -> str | None:
 def _check_pbt(args) -> None:
     """PBT exploits at a report; each report must carry the checkpoint of the evaluation it reports."""
     value = lambda x: str(getattr(x, "value", x))  # noqa: E731
-    if args.num_workers > 0:
-        raise ValueError("scheduler='pbt' runs in-process trials (num_workers=0) in this build; multi-worker PBT "
-                         "trials are not available yet: use scheduler='asha', or num_workers=0.")
     if value(args.eval_strategy) == "no" or value(args.save_strategy) != value(args.eval_strategy) or (
             value(args.eval_strategy) == "steps" and args.save_steps != args.eval_steps):
         raise ValueError(

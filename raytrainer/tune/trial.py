@@ -97,7 +97,22 @@ def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name
         if not reporter.reported:  # no evaluation during training: evaluate once at the end, as transformers does
             tune.report(metrics_for_tune(trainer.evaluate(), trainer.state))
         return
-    _run_multi_worker(trainer, config, metrics_for_tune, tune.report)
+
+    # multi-worker: checkpoints live in storage; Tune holds only a pointer to one (CheckpointPointer)
+    pointers = CheckpointPointer(storage_path, base_args.storage_filesystem, trial_name)
+    resume = None
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        resume, step = pointers.resume_from(restored)
+        if step >= args.max_steps > 0:
+            return  # Tune paused this trial at its last report; the run is complete
+        trainer._hyperparameters_override_checkpoint = True
+
+    def report(metrics, state, path_in_storage=None):
+        checkpoint = pointers.to_tune(path_in_storage, state.global_step) if path_in_storage else None
+        tune.report(metrics_for_tune(metrics, state), checkpoint=checkpoint)
+
+    _run_multi_worker(trainer, config, report, with_checkpoint=report_checkpoints, resume=resume)
 
 
 def _global_step(checkpoint_dir: str) -> int:
@@ -107,34 +122,101 @@ def _global_step(checkpoint_dir: str) -> int:
         return json.load(f).get("global_step", 0)
 
 
-def _run_multi_worker(trainer, config, metrics_for_tune, report):
-    """Train on Ray workers in a thread; forward each streamed evaluation to Tune from this thread."""
+class CheckpointPointer:
+    """A multi-worker trial's checkpoints stay where Ray Train persisted them; Tune gets a pointer.
+
+    Tune copies every reported checkpoint into its own trial folder: for a multi-worker trial that
+    would be a second copy of each checkpoint, through this process. Instead the reported checkpoint
+    is a one-file folder naming the checkpoint in storage. When PBT exploits, the exploiting trial
+    copies the donor's checkpoint into its own run folder inside the storage filesystem (on S3 a
+    server-side copy: the bytes never leave the bucket), so the donor's retention cannot delete it
+    under the resumed run; its workers then fetch it from storage.
+    """
+
+    FILE = "raytrainer_checkpoint.json"
+
+    def __init__(self, storage_path: str, storage_filesystem, trial_name: str):
+        from .. import storage
+
+        self.fs, _ = storage.resolve_storage(storage_path, storage_filesystem)
+        self.scheme = storage_path.split("://", 1)[0] + "://" if "://" in storage_path else ""
+        self.trial_name = trial_name
+
+    def to_tune(self, path_in_storage: str, step: int):
+        import json
+        import tempfile
+
+        from ray import tune
+
+        folder = tempfile.mkdtemp(prefix="raytrainer-pointer-")
+        with open(os.path.join(folder, self.FILE), "w") as f:
+            json.dump({"path": path_in_storage, "step": step, "trial": self.trial_name}, f)
+        return tune.Checkpoint.from_directory(folder)
+
+    def resume_from(self, tune_checkpoint) -> tuple[str, int]:
+        """(what train(resume_from_checkpoint=) takes, the checkpoint's step) for a restored trial."""
+        import json
+
+        from .. import storage
+
+        with tune_checkpoint.as_directory() as folder, open(os.path.join(folder, self.FILE)) as f:
+            pointer = json.load(f)
+        path, step = pointer["path"], pointer["step"]
+        if pointer["trial"] != self.trial_name:  # PBT: a better trial's checkpoint
+            own_run = path.rsplit("/", 2)[0] + "/" + self.trial_name
+            copy = f"{own_run}/exploit-{os.path.basename(path)}-from-{pointer['trial']}"
+            storage.delete_dir(self.fs, copy)
+            try:
+                storage.copy_dir(self.fs, path, copy)
+            except FileNotFoundError:
+                raise RuntimeError(
+                    f"PBT exploit: the donor checkpoint {path} is gone (the donor's save_total_limit deleted it "
+                    "before this trial restarted); use save_total_limit=None or a larger limit with scheduler='pbt'."
+                ) from None
+            print(f"[hp-search] trial {self.trial_name} exploits {pointer['trial']}: copied "
+                  f"{os.path.basename(path)} to {copy}", flush=True)
+            path = copy
+        return self.scheme + path, step
+
+
+def _run_multi_worker(trainer, config, report, with_checkpoint, resume):
+    """Train on Ray workers in a thread; forward each streamed evaluation to Tune from this thread.
+
+    With with_checkpoint (PBT) an evaluation is reported once its step's checkpoint is in storage.
+    """
     from ..event_stream import DriverStream
 
-    evaluations: queue.Queue = queue.Queue()
-    DriverStream.listeners.append(evaluations.put)
+    events: queue.Queue = queue.Queue()
+    DriverStream.listeners.append(events.put)
     error: list[BaseException] = []
 
     def train():
         try:
-            trainer.train(trial=config)
+            trainer.train(resume_from_checkpoint=resume, trial=config)
         except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread
             error.append(e)
         finally:
-            evaluations.put(None)
+            events.put(None)
 
     thread = threading.Thread(target=train, name="raytrainer-trial", daemon=True)
     thread.start()
     reported = 0
+    waiting: dict[int, dict] = {}  # step -> metrics, waiting for that step's checkpoint
     try:
-        while (item := evaluations.get()) is not None:
-            metrics, state = item
-            report(metrics_for_tune(metrics, state))
-            reported += 1
+        while (item := events.get()) is not None:
+            kind, payload, state = item
+            if kind == "evaluate" and with_checkpoint:
+                waiting[state.global_step] = payload
+            elif kind == "evaluate":
+                report(payload, state)
+                reported += 1
+            elif kind == "checkpoint" and state.global_step in waiting:
+                report(waiting.pop(state.global_step), state, payload)
+                reported += 1
     finally:
-        DriverStream.listeners.remove(evaluations.put)
+        DriverStream.listeners.remove(events.put)
     thread.join()
     if error:
         raise error[0]
     if not reported:
-        report(metrics_for_tune(trainer.evaluate(), trainer.state))
+        report(trainer.evaluate(), trainer.state)
