@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from raytrainer.storage import (
+    copy_dir,
     delete_dir,
     download_dir,
     list_dirs,
@@ -122,6 +123,14 @@ def test_upload_download_round_trip(s3_env, s3_bucket, tmp_path):
 
     assert list_dirs(fs, run_path) == ["checkpoint-10", "checkpoint-20"]
     assert list_dirs(fs, f"{s3_bucket}/no/such/prefix") == []
+
+    # a PBT exploit's copy: bucket to bucket (CopyObject), every file there
+    copy_dir(fs, f"{run_path}/checkpoint-20", f"{s3_bucket}/runs/exp2/exploit-checkpoint-20-from-exp1")
+    copied = client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/exp2/exploit-checkpoint-20-from-exp1/")
+    assert {obj["Key"].rsplit("from-exp1/", 1)[1]: obj["Size"] for obj in copied.get("Contents", [])
+            if not obj["Key"].endswith("/")} == {rel: len(data) for rel, data in files.items()}
+    with pytest.raises(FileNotFoundError):
+        copy_dir(fs, f"{run_path}/checkpoint-30", f"{run_path}/elsewhere")
 
     target = tmp_path / "downloaded"
     download_dir(fs, f"{run_path}/checkpoint-10", target)

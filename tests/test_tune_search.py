@@ -103,18 +103,26 @@ def test_errors_before_any_trial_starts(ray_cluster, tmp_path):
 
 
 def test_two_worker_trials(ray_cluster, tmp_path):
-    """Each trial is a 2-worker raytrainer run; its evaluations stream to Tune while it trains."""
-    trainer = sweep_trainer(tmp_path / "multi", num_workers=2, per_device_train_batch_size=2, max_steps=6)
-    # the bad trial is stopped by ASHA while its workers run; the next trial must get their CPUs back
-    best = trainer.hyperparameter_search(hp_space={"learning_rate": tune.grid_search([1e-2, 1e-8, 5e-3])},
-                                         n_trials=1, scheduler="asha", max_concurrent_trials=1, name="multi")
+    """4 trials x 2 workers on the 4-CPU cluster, two at a time; evaluations stream to Tune while they train."""
+    trainer = sweep_trainer(tmp_path / "multi", num_workers=2, per_device_train_batch_size=2, max_steps=6,
+                            resources_per_worker={"CPU": 0.5})
+    # the bad trials start once a good one has reported at ASHA's rung, and are stopped while their
+    # workers run; the next trials must get those workers' CPUs back
+    best = trainer.hyperparameter_search(hp_space={"learning_rate": tune.grid_search(GOOD + BAD)},
+                                         n_trials=1, scheduler="asha", max_concurrent_trials=2, name="multi")
     table = trainer.sweep_results.get_dataframe()
     iterations = dict(zip(table["config/learning_rate"], table["training_iteration"]))
-    assert iterations[1e-2] == 3 and iterations[1e-8] < 3 and iterations[5e-3] >= 1, iterations
     objectives = dict(zip(table["config/learning_rate"], table["objective"]))
-    assert best.hyperparameters["learning_rate"] == min(objectives, key=objectives.get) != 1e-8
-    assert os.path.isfile(os.path.join(best.run_summary, "model.safetensors"))
+    winner = min(objectives, key=objectives.get)
+    assert winner in GOOD and best.hyperparameters["learning_rate"] == winner
+    assert iterations[winner] == 3 and all(iterations[lr] < 3 for lr in BAD), (iterations, objectives)
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(best.run_summary))
+    # run_summary is the winner's best checkpoint (BestRun.objective is its last report, as transformers'
+    # ray_scope="last"): it loads and gives the best objective the winner's 2-worker evaluations reported
+    history = next(r for r in trainer.sweep_results if r.config["learning_rate"] == winner).metrics_dataframe
+    model = type(tiny_gpt2()).from_pretrained(best.run_summary)
+    check = raytrainer.Trainer(model=model, args=sweep_args(tmp_path / "check"), eval_dataset=lm_examples(16, seed=3))
+    assert check.evaluate()["eval_loss"] == pytest.approx(history["objective"].min(), rel=1e-5)
 
 
 class TrialRecorder(transformers.TrainerCallback):
