@@ -519,3 +519,21 @@ def test_scheduler_pass_through_and_errors():
         build_scheduler(ASHAScheduler)
     with pytest.raises(ValueError, match="one metric"):
         build_scheduler("asha", mode=["min", "max"], max_t=4)
+
+
+@pytest.mark.parametrize("scope, mode, expected", [
+    ("last", "min", 3.0), ("all", "min", 1.0), ("all", "max", 5.0), ("avg", "min", 3.0),
+    ("last-5-avg", "min", 3.0), ("last-10-avg", "max", 3.0),
+])
+def test_ray_scope_scores_a_trial_as_tune_does(scope, mode, expected):
+    """RAY_SCOPE (transformers' variable) picks which of a trial's reports rank it."""
+    import types
+
+    import pandas as pd
+
+    from raytrainer.tune.search import _scope_score
+
+    history = [5.0, 1.0, 4.0, 2.0, 3.0]
+    result = types.SimpleNamespace(metrics={"objective": history[-1]},
+                                   metrics_dataframe=pd.DataFrame({"objective": history}))
+    assert _scope_score(result, scope, mode) == expected

@@ -28,6 +28,7 @@ logger = logging.getLogger("raytrainer")
 # Ray Train's controller of a multi-worker trial is itself an actor; a trial reserves room for it
 TRIAL_CPUS_INPROCESS = 1
 TRIAL_CPUS_DRIVER = 0.5
+SCOPES = ("last", "all", "avg", "last-5-avg", "last-10-avg")
 
 
 def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_trials=20, direction="minimize",
@@ -48,6 +49,9 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     perturbation_interval = kwargs.pop("perturbation_interval", None)
     if kwargs:
         raise TypeError(f"hyperparameter_search() got unexpected keyword arguments {sorted(kwargs)}")
+    if os.environ.get("RAY_SCOPE", "last") not in SCOPES:
+        raise ValueError(f"RAY_SCOPE={os.environ['RAY_SCOPE']!r}: use one of {', '.join(SCOPES)} (Tune's "
+                         "get_best_trial scopes; transformers reads the same variable).")
     space = to_tune_space(hp_space)
     check_search(args, space, trainer.model_init, n_trials=n_trials, direction=direction,
                  compute_objective=compute_objective, scheduler=scheduler)
@@ -97,13 +101,31 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
         results = tuner.fit()
     trainer.sweep_results = results  # the trials table: results.get_dataframe()
     rows = []
+    scope = os.environ.get("RAY_SCOPE", "last")  # transformers' knob: which reports rank the trials
     for result in results:
         if result.metrics and "objective" in result.metrics:
             rows.append({"trial_id": result.metrics.get("trial_id"), "objective": result.metrics["objective"],
-                         "config": result.config, "run_dir": result.metrics.get("run_dir")})
-    best = best_run(rows, direction)
-    run_dir = next((r["run_dir"] for r in rows if r["trial_id"] == best.run_id), None)
-    return type(best)(best.run_id, best.objective, best.hyperparameters, best_checkpoint_of(run_dir))
+                         "score": _scope_score(result, scope, mode), "config": result.config,
+                         "run_dir": result.metrics.get("run_dir")})
+    best = best_run(rows, direction, metric="objective" if scope == "last" or not isinstance(mode, str) else "score")
+    row = next(r for r in rows if r["trial_id"] == best.run_id)
+    # BestRun.objective is the winner's last report, as transformers' Ray backend returns it
+    return type(best)(best.run_id, row["objective"], best.hyperparameters, best_checkpoint_of(row["run_dir"]))
+
+
+def _scope_score(result, scope: str, mode):
+    """A trial's score under Tune's get_best_trial scopes: last, all, avg, last-5-avg, last-10-avg."""
+    if scope == "last" or not isinstance(mode, str):
+        return result.metrics["objective"]
+    history = list(result.metrics_dataframe["objective"]) if result.metrics_dataframe is not None else []
+    if not history:
+        return result.metrics["objective"]
+    if scope == "all":
+        return min(history) if mode == "min" else max(history)
+    if scope in ("avg", "last-5-avg", "last-10-avg"):
+        tail = history if scope == "avg" else history[-int(scope.split("-")[1]):]
+        return sum(tail) / len(tail)
+    raise ValueError(f"RAY_SCOPE={scope!r}: use one of {', '.join(SCOPES)}.")
 
 
 def _trial_lines_class():
