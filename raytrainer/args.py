@@ -29,6 +29,7 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import is_torch_tf32_available
 
 from .fields import REFUSED, REFUSED_ACCELERATOR_OPTIONS
+from .field_types import check_field_types
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 SCHEDULERS = tuple(s.value for s in transformers.SchedulerType)
@@ -65,12 +66,15 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        check_field_types(self)  # a value of the wrong type or NaN is named here, not deep in transformers
         self._map_older_names()
         self._check_names()
         # The workers' hardware and packages decide these, not the driver's (which may be CPU-only):
         # tf32=True is hidden from the parent's "needs Ampere" check (the workers apply it), a
-        # deepspeed config from the parent's processing, which imports deepspeed (refused by
-        # check_supported() until strategy="deepspeed" lands). bf16: see _validate_args.
+        # deepspeed config from the parent's processing: it would build transformers' DeepSpeed
+        # plugin (accelerate's DeepSpeed state on the driver, `is_deepspeed_zero3_enabled()` turning
+        # from_pretrained into zero.Init here) where strategies/deepspeed.py runs DeepSpeed on the
+        # workers, with transformers' own config processing. bf16: see _validate_args.
         hidden = {}
         if self.tf32 and not is_torch_tf32_available():
             hidden["tf32"] = self.tf32
@@ -83,6 +87,10 @@ class TrainingArguments(transformers.TrainingArguments):
         finally:
             for name, value in hidden.items():
                 setattr(self, name, value)
+        # transformers normalised fsdp / fsdp_config (fsdp="full_shard auto_wrap" -> fsdp=True and
+        # fsdp_config["reshard_after_forward"]); its FSDP plugin arguments would make the driver's
+        # Accelerator an FSDP one: strategies/fsdp.py reads fsdp_config on the workers instead
+        self.fsdp_plugin_args = None
         self.validate()  # also sets mixed_precision from fp16/bf16
 
     def _validate_args(self):
@@ -145,6 +153,7 @@ class TrainingArguments(transformers.TrainingArguments):
         Also re-derives what __post_init__ derived, so fields changed after construction (the docs
         show `args.fp16 = True`, `args.gradient_checkpointing = True`) take effect.
         """
+        check_field_types(self)  # fields set after construction, e.g. from a YAML file
         self._sync_after_mutation()
         self._check_names()
         _positive("per_device_train_batch_size", self.per_device_train_batch_size)
@@ -201,12 +210,7 @@ class TrainingArguments(transformers.TrainingArguments):
                     f"resources_per_worker={self.resources_per_worker!r} must be a dict of non-negative numbers, "
                     'e.g. {"CPU": 2, "GPU": 1}.'
                 )
-        if self.strategy in ("fsdp", "deepspeed"):
-            raise ValueError(
-                f"strategy={self.strategy!r} is not available in this raytrainer build yet; use strategy='ddp'."
-            )
-        if self.strategy == "deepspeed" and not self.deepspeed:
-            raise ValueError('strategy="deepspeed" needs deepspeed= a ZeRO config dict or the path of a JSON file.')
+        self._check_strategy()
         if self.storage_path is not None and not isinstance(self.storage_path, str):
             raise ValueError(f"storage_path={self.storage_path!r} must be a string: a local path or s3://bucket/prefix.")
         if self.storage_path and "://" in self.storage_path and not self.storage_path.startswith(("s3://", "file://")) and self.storage_filesystem is None:
@@ -215,6 +219,40 @@ class TrainingArguments(transformers.TrainingArguments):
                 "storage_filesystem=<pyarrow.fs.FileSystem> for other schemes."
             )
         return self
+
+    def _check_strategy(self) -> None:
+        """transformers' fsdp= / deepspeed= fields select the strategy as transformers users write them."""
+        if self.fsdp and self.deepspeed:
+            raise ValueError("fsdp and deepspeed are both set: choose one (transformers refuses both too).")
+        if self.fsdp:
+            if self.strategy == "deepspeed":
+                raise ValueError(f'strategy="deepspeed" with fsdp={self.fsdp!r}: set strategy="fsdp" or remove fsdp.')
+            self.strategy = "fsdp"
+        if self.deepspeed:
+            if self.strategy == "fsdp":
+                raise ValueError('strategy="fsdp" with deepspeed=...: set strategy="deepspeed" or remove deepspeed.')
+            self.strategy = "deepspeed"
+        if self.strategy == "deepspeed":
+            if not self.deepspeed:
+                raise ValueError('strategy="deepspeed" needs deepspeed= a ZeRO config dict or the path of a JSON file.')
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ValueError('deepspeed=... needs the deepspeed package: DS_BUILD_OPS=0 pip install '
+                                 '--no-build-isolation deepspeed (after torch), or pip install "raytrainer[deepspeed]".')
+            from .strategies.deepspeed import deepspeed_config
+
+            # "auto" filled as on the workers; a value contradicting these arguments raises here
+            deepspeed_config(self, max(1, self.num_workers))
+        if self.strategy == "fsdp":
+            from .strategies.fsdp import check_wrap_policy
+
+            check_wrap_policy(None, self.fsdp_config)
+        if self.strategy in ("fsdp", "deepspeed") and self.load_best_model_at_end:
+            raise ValueError(
+                f"load_best_model_at_end=True with strategy={self.strategy!r} is not supported yet: after training, "
+                "load trainer.state.best_model_checkpoint's model.safetensors with from_pretrained."
+            )
 
     # ------------------------------------------------------------------ refusals
     def check_supported(self) -> "TrainingArguments":

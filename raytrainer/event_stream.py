@@ -92,6 +92,7 @@ class DriverStream:
         self.display = [cb for cb in trainer.callback_handler.callbacks if is_display_callback(cb)] if display else []
         self.box = None
         self.final_state = None
+        self.eval_result = None
         self._stop = threading.Event()
         self._thread = None
 
@@ -126,8 +127,8 @@ class DriverStream:
     def _dispatch(self, items):
         trainer = self.trainer
         for event, fields, kwargs in items:
-            if event == "final_state":
-                self.final_state = fields
+            if event in ("final_state", "eval_result"):  # rank 0's state / evaluate()'s or predict()'s result
+                setattr(self, event, fields)
                 continue
             state = copy.copy(trainer.state) if isinstance(trainer.state, TrainerState) else TrainerState()
             for k, v in fields.items():

@@ -149,6 +149,15 @@ HONOURED: dict[str, str] = {
     "ddp_static_graph": _DDP,
     "ddp_backend": _TORCH_CONFIG,
     "ddp_timeout": _TORCH_CONFIG,
+    "fsdp": 'strategies/fsdp.py: FSDP2 (`fully_shard`) on the Ray workers; selects strategy="fsdp"',
+    "fsdp_config": (
+        "strategies/fsdp.py: transformer_layer_cls_to_wrap, reshard_after_forward, cpu_offload, "
+        "activation_checkpointing (checkpoints are always sharded DCP plus a consolidated model.safetensors)"
+    ),
+    "deepspeed": (
+        'strategies/deepspeed.py: ZeRO 0-3 on the Ray workers, "auto" filled by transformers\' config processing; '
+        'selects strategy="deepspeed"'
+    ),
     # ---- debugging, metrics ----
     "debug": _BEFORE_LOOP,
     "skip_memory_metrics": "transformers' `TrainerMemoryTracker` in `train()` and `evaluate()`",
@@ -166,7 +175,7 @@ HONOURED: dict[str, str] = {
     "num_workers": "0: the loop runs in this process; >= 1: Ray `ScalingConfig(num_workers)`",
     "use_gpu": _SCALING,
     "resources_per_worker": _SCALING,
-    "strategy": 'strategies/: "ddp" ("fsdp" and "deepspeed" are refused by validate() until issue "Strategies")',
+    "strategy": 'strategies/: "ddp", "fsdp" (FSDP2) or "deepspeed" (ZeRO); set by fsdp= / deepspeed= too',
     "storage_path": _STORAGE,
     "storage_filesystem": _STORAGE,
     "max_failures": "Ray `FailureConfig(max_failures)`: restarts resume from the latest checkpoint",
@@ -186,8 +195,6 @@ REFUSED_ACCELERATOR_OPTIONS: dict[str, object] = {
     "gradient_accumulation_kwargs": None,
 }
 
-_STRATEGIES = 'set strategy="ddp"; FSDP and DeepSpeed come as strategy="fsdp" / "deepspeed" (issue "Strategies")'
-
 REFUSED: dict[str, str] = {
     "accelerator_config": (
         "raytrainer's sampler shards, orders and moves the training batches itself; keep split_batches, "
@@ -195,12 +202,9 @@ REFUSED: dict[str, str] = {
         "(other than num_steps) at their defaults"
     ),
     "parallelism_config": (
-        'tensor/context/sequence parallelism is not in raytrainer yet: set strategy="ddp" (issue "Strategies")'
+        'tensor/context/sequence parallelism is not in raytrainer yet: use strategy="ddp", "fsdp" or "deepspeed"'
     ),
     "dataloader_in_order": "training batches always come in order (exact resume relies on it); remove the setting",
-    "fsdp": _STRATEGIES,
-    "fsdp_config": _STRATEGIES,
-    "deepspeed": _STRATEGIES,
     "enable_jit_checkpoint": (
         "checkpoint with save_strategy/save_steps and set max_failures: Ray stops and restarts workers itself, "
         "from the latest checkpoint (transformers' JIT checkpoint is a SIGTERM handler in the training process)"

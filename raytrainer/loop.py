@@ -8,7 +8,8 @@ transformers is slow or inexact:
 * data: a sampler whose order is a function of (seed, epoch); resume slices the order, it does not
   iterate skipped batches (a subclass's own get_train_dataloader / _get_train_sampler, and the
   group_by_length / batch_rebalance strategies, use transformers' dataloader and read past them);
-* the strategy object owns wrapping, backward, no_sync, clipping and the optimizer step;
+* the strategy object owns the optimizer's creation, wrapping / sharding, backward, no_sync, clipping,
+  the optimizer step and sharded checkpoint state (strategies/base.py);
 * checkpoints are snapshotted in memory and written atomically in the background (checkpoint/).
 """
 
@@ -192,8 +193,8 @@ class TrainingLoop:
             t.lr_scheduler = None
             t._created_lr_scheduler = False
         t.model.to(device)
-        t.create_optimizer()
-        model = strategy.setup_model(t.model)
+        # the optimizer and the wrapped / sharded model, in the order the strategy needs
+        model = strategy.prepare(t, max_steps)
         if args.torch_compile:
             # compiled last, around the wrapper, as accelerate does; t.model stays the bare module, so
             # checkpoints keep clean parameter names (no "_orig_mod.")
@@ -202,7 +203,7 @@ class TrainingLoop:
         t.create_scheduler(num_training_steps=max_steps, optimizer=t.optimizer)
         t.model_wrapped = model
         if resume_from_checkpoint is not None:
-            t._load_optimizer_and_scheduler(resume_from_checkpoint)
+            strategy.load_checkpoint(t, resume_from_checkpoint)  # optimizer, scheduler (and sharded state)
             scaler_file = os.path.join(resume_from_checkpoint, "scaler.pt")
             if os.path.isfile(scaler_file):
                 strategy.load_scaler_state(torch.load(scaler_file, weights_only=True))
@@ -220,7 +221,7 @@ class TrainingLoop:
         t._tr_loss = torch.tensor(0.0, device=device)
         t._total_loss_scalar = 0.0
         t._globalstep_last_logged = t.state.global_step
-        model.zero_grad(set_to_none=True)
+        strategy.zero_grad(model)
         t.control = t.callback_handler.on_train_begin(args, t.state, t.control)
         if args.eval_on_start:
             t._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
@@ -333,8 +334,8 @@ class TrainingLoop:
                     learning_rate = t._get_learning_rate()
                     if stepped and not isinstance(t.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) \
                             and type(t.lr_scheduler).__name__ != "GreedyLR":
-                        t.lr_scheduler.step()
-                    model.zero_grad(set_to_none=True)
+                        strategy.step_scheduler(t.lr_scheduler)
+                    strategy.zero_grad(model)
                     t.state.global_step += 1
                     t.state.epoch = epoch + (step + 1) / steps_in_epoch
                     t.control = t.callback_handler.on_step_end(args, t.state, t.control)

@@ -33,11 +33,11 @@ from . import storage
 from .checkpoint.layout import TRAINER_STATE, checkpoint_step
 from .checkpoint.retention import checkpoints_to_delete
 from .crossing import TrainerBlueprint, apply_final_state, final_state
+from .data.checks import check_train_dataset
 from .event_stream import DriverStream, StreamToDriver
 
 logger = logging.getLogger("raytrainer")
 FINAL_MODEL = "final_model"
-EVAL_RESULT = "eval_result"
 
 
 @dataclass
@@ -60,6 +60,7 @@ class RunSpec:
     driver_cwd: str = ""         # relative paths resolve here on the driver's machine
     driver_host: str = ""
     submitted_at: float = 0.0    # driver's time.time() at fit(): workers log their start-up latency
+    tracking_env: Any = None     # MLFLOW_* of the driver (its tracking URI, its active run): set on the workers
 
 
 # ====================================================================== driver
@@ -69,7 +70,7 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
     storage_path, name = storage_location(args)
     fs, base, run_dir = _storage_for(args, storage_path, name)
     datasets = {k: v for k, v in (("train", trainer.train_dataset),) if _is_ray_dataset(v)}
-    check_dataset_columns(trainer)
+    check_train_dataset(trainer)
     resume_in_storage = False
     if isinstance(resume, str) and "://" in resume:  # e.g. s3://bucket/run/checkpoint-8
         _, resume = storage.resolve_storage(resume, args.storage_filesystem)
@@ -118,13 +119,7 @@ def run_eval_on_ray(trainer, method: str, dataset, ignore_keys, metric_key_prefi
         _fit(args, eval_worker_main, spec, name, base, fs, {})
     if stream.final_state is not None:
         apply_final_state(trainer, stream.final_state)
-    local = tempfile.mkdtemp(prefix="raytrainer-eval-")
-    try:
-        storage.download_dir(fs, f"{run_dir}/{EVAL_RESULT}", local)
-        # our own file, written by our worker a moment ago: a full unpickle is safe
-        return torch.load(os.path.join(local, "result.pt"), weights_only=False)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
+    return stream.eval_result
 
 
 def _storage_for(args, storage_path, name):
@@ -156,7 +151,17 @@ def _spec(trainer, blueprint, fs, run_dir, name, *, resume, resume_in_storage, d
         storage_filesystem=fs, run_dir=run_dir, name=name, threads_per_worker=max(1, int(cpus)),
         dataset_rows=dataset_rows or {k: v.count() for k, v in datasets.items()}, fit_id=uuid.uuid4().hex,
         driver_cwd=os.getcwd(), driver_host=socket.gethostname(), submitted_at=time.time(),
+        tracking_env=_tracking_env(args),
     )
+
+
+def _tracking_env(args) -> dict:
+    """report_to="mlflow": the rank-0 worker logs where the driver would, into the driver's active run."""
+    if "mlflow" not in (args.report_to or []):
+        return {}
+    from .tracking.mlflow import driver_env
+
+    return driver_env(args.output_dir)
 
 
 def _fit(args, entry, spec, name, base, fs, datasets):
@@ -265,46 +270,6 @@ def check_picklable(kwargs: dict) -> None:
             ) from e
 
 
-def check_dataset_columns(trainer) -> None:
-    """A dataset whose rows lack every input the model's forward takes fails on the driver, not on a worker."""
-    import inspect
-
-    model = trainer.model
-    dataset = trainer.train_dataset
-    if model is None or dataset is None:
-        return
-    params = set(inspect.signature(model.forward).parameters) - {"self", "kwargs"}
-    columns = None
-    if _is_ray_dataset(dataset):
-        columns = set(dataset.schema().names)
-    elif hasattr(dataset, "column_names"):
-        columns = set(dataset.column_names)
-    elif hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset) > 0:
-        first = dataset[0]
-        if isinstance(first, dict):
-            columns = set(first)
-    if columns is None or trainer.data_collator is not None and not _is_default_collator(trainer.data_collator):
-        return
-    main_input = getattr(model, "main_input_name", None)
-    if main_input in params and main_input not in columns:
-        raise ValueError(
-            f"train_dataset has no {main_input!r} column (it has {sorted(columns)}), which "
-            f"{type(model).__name__}.forward needs: tokenize the dataset or pass a data_collator that makes it."
-        )
-    label_like = {"label", "labels", "label_ids"}
-    if params and not (columns & (params | label_like)):
-        raise ValueError(
-            f"train_dataset columns {sorted(columns)} contain none of the inputs {type(model).__name__}.forward "
-            f"accepts ({', '.join(sorted(params)[:8])}, ...): tokenize the dataset or pass a data_collator."
-        )
-
-
-def _is_default_collator(collator) -> bool:
-    from transformers.data.data_collator import DataCollatorWithPadding, default_data_collator
-
-    return collator is default_data_collator or isinstance(collator, DataCollatorWithPadding)
-
-
 def _is_ray_dataset(obj) -> bool:
     try:
         import ray.data
@@ -381,6 +346,7 @@ def worker_main(config):
     import torch.distributed as dist
 
     spec: RunSpec = config["spec"]
+    apply_tracking_env(spec.tracking_env)
     entered = time.time()
     trainer = _build_worker_trainer(spec)
     rank = dist.get_rank()
@@ -401,10 +367,13 @@ def worker_main(config):
     trial, ignore_keys_for_eval = spec.train_call
     trainer.train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
+    final = os.path.join(tempfile.mkdtemp(prefix="raytrainer-final-"), FINAL_MODEL)
+    # every rank: a sharded model (fsdp, deepspeed) gathers its full weights to rank 0, which writes them
+    trainer.save_model(final)
+    if rank != 0:
+        shutil.rmtree(os.path.dirname(final), ignore_errors=True)
     if rank == 0:
         trainer._ray.after_training(trainer)
-        final = os.path.join(tempfile.mkdtemp(prefix="raytrainer-final-"), FINAL_MODEL)
-        trainer.save_model(final)
         trainer.state.save_to_json(os.path.join(final, TRAINER_STATE))
         _upload(spec, final, FINAL_MODEL)
         _send_final_state(spec, trainer)
@@ -415,6 +384,7 @@ def eval_worker_main(config):
     import torch.distributed as dist
 
     spec: RunSpec = config["spec"]
+    apply_tracking_env(spec.tracking_env)
     trainer = _build_worker_trainer(spec)
     trainer.state = spec.driver_state
     method, dataset, ignore_keys, prefix = spec.eval_call
@@ -422,13 +392,20 @@ def eval_worker_main(config):
         result = trainer.evaluate(eval_dataset=dataset, ignore_keys=ignore_keys, metric_key_prefix=prefix)
     else:
         result = trainer.predict(dataset, ignore_keys=ignore_keys, metric_key_prefix=prefix)
-    if dist.get_rank() == 0:  # every rank holds the gathered result; one writes it
-        folder = os.path.join(tempfile.mkdtemp(prefix="raytrainer-eval-"), EVAL_RESULT)
-        os.makedirs(folder)
-        torch.save(result, os.path.join(folder, "result.pt"))
-        _upload(spec, folder, EVAL_RESULT)
+    if dist.get_rank() == 0:  # every rank holds the gathered result; one sends it
+        import ray
+
+        # through the object store, never through storage: nothing a bucket's writer could plant is unpickled
+        ray.get(spec.events.put.remote(("eval_result", result, {})))
         _send_final_state(spec, trainer)
     dist.barrier()
+
+
+def apply_tracking_env(env) -> None:
+    if env:
+        from .tracking.mlflow import apply_env
+
+        apply_env(env)
 
 
 def _send_final_state(spec: RunSpec, trainer) -> None:

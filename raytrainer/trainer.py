@@ -71,8 +71,6 @@ class Trainer(transformers.Trainer):
                  preprocess_logits_for_metrics=None, tokenizer=None):
         args = coerce_args(args)
         args.validate()
-        if args._refused_settings("fsdp"):  # transformers' own __init__ would refuse it first, without the fix
-            args.check_supported()
         if tokenizer is not None and processing_class is None:  # the older transformers name
             processing_class = tokenizer
         set_before = set(self.__dict__)  # a subclass may set attributes before calling us: those are its own
@@ -90,18 +88,31 @@ class Trainer(transformers.Trainer):
         self._last_metrics: dict = {}  # the latest logged values, sent with each Ray checkpoint report
         # transformers asks a dataset without __len__ for max_steps; a Ray Dataset's length is counted later
         ray_data = _is_ray_dataset(train_dataset)
-        super().__init__(
-            model=model, args=args, data_collator=data_collator, train_dataset=None if ray_data else train_dataset,
-            eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
-            compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
-            optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+        # transformers' __init__ refuses fsdp outside a distributed launch ("only works in distributed
+        # training"): the driver is not one; strategies/fsdp.py shards on the workers
+        fsdp, args.fsdp = args.fsdp, None
+        try:
+            super().__init__(
+                model=model, args=args, data_collator=data_collator,
+                train_dataset=None if ray_data else train_dataset, eval_dataset=eval_dataset,
+                processing_class=processing_class, model_init=model_init, compute_loss_func=compute_loss_func,
+                compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            )
+        finally:
+            args.fsdp = fsdp
         if ray_data:
             self.train_dataset = train_dataset
         # on_save waits for the checkpoint folder to be complete (see SaveAwareCallbackHandler)
         self.callback_handler.__class__ = SaveAwareCallbackHandler
         self.callback_handler.trainer = self
+        if any(type(cb).__name__ == "MLflowCallback" for cb in self.callback_handler.callbacks):
+            from .tracking.mlflow import use_safe_mlflow_callback
+
+            # params without secrets; ends only a run its own process started (not the driver's run
+            # after a Ray run hands rank 0's callback state back)
+            use_safe_mlflow_callback(self)
         # what transformers' and our __init__ set; anything else on the instance is the user's (crossing.py)
         self._rt_base_attrs = None
         self._rt_base_attrs = (set(self.__dict__) - set_before) | LAZY_BASE_ATTRS
@@ -113,6 +124,10 @@ class Trainer(transformers.Trainer):
         self.args.validate()
         self.args.check_supported()  # fields the loop does not honour (fields.py): refused here, not at construction
         self._apply_logging_dir()
+        if not self._in_worker:
+            from .strategies import check_strategy
+
+            check_strategy(self.args, self.model)  # fsdp's layer classes, deepspeed's config vs the arguments
         if self.args.num_workers > 0 and not self._in_worker:
             from .ray_run import run_on_ray
 
@@ -126,6 +141,10 @@ class Trainer(transformers.Trainer):
             return run_on_ray(self, resume, trial, ignore_keys_for_eval)
         if _is_ray_dataset(self.train_dataset):
             raise ValueError("train_dataset is a ray.data.Dataset: set num_workers >= 1 so Ray Train shards it.")
+        if not self._in_worker:
+            from .data.checks import check_train_dataset
+
+            check_train_dataset(self)  # a malformed dataset is named here, not deep in a collator
         resume = self._resolve_resume(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
@@ -371,11 +390,19 @@ class Trainer(transformers.Trainer):
             else:
                 self.state.stateful_callbacks[cb_name] = cb_state
         snap = Snapshot(final_dir=final_dir, rng_file="rng_state.pth" if world == 1 else f"rng_state_{rank}.pth")
+        strategy = self._strategy
+        sharded = strategy is not None and strategy.sharded
         if self._saves_through_hooks():
             # an overridden save_model/_save, or a PEFT model (adapter files only): transformers' own
             # path, in the foreground, into the folder the writer will complete and rename
             snap.tmp_dir = self._checkpoint_writer.tmp_dir_for(final_dir)
             self.save_model(snap.tmp_dir, _internal_call=True)
+        elif sharded:
+            # every rank joins the gather; rank 0 gets CPU copies (nothing left for the writer to copy)
+            state = strategy.full_state_dict(self.model_wrapped)
+            if rank == 0:
+                snap.model_state = state
+                snap.save_model_fn = lambda out_dir, state_dict: self._save(out_dir, state_dict=state_dict)
         elif rank == 0:
             # self.model is the bare module (DDP wraps model_wrapped). Buffers (e.g. BatchNorm statistics)
             # change in forward: copied now; parameters change only in optimizer.step, so their copy may
@@ -391,8 +418,13 @@ class Trainer(transformers.Trainer):
             snap.extra_files[RUN_META] = {"world_size": world, "global_batch_size": self._global_batch_size(),
                                           "fit_id": self._fit_id}
         if not self.args.save_only_model:
+            if sharded:
+                # a collective save, in the foreground on every rank, into the folder the writer completes
+                snap.tmp_dir = snap.tmp_dir or self._checkpoint_writer.tmp_dir_for(final_dir)
+                strategy.save_sharded(self.model_wrapped, self.optimizer, snap.tmp_dir, self.state.global_step)
             if rank == 0:
-                snap.optimizer_state = self.optimizer.state_dict()
+                snap.optimizer_state = strategy.optimizer_state(self.optimizer) if strategy else \
+                    self.optimizer.state_dict()
                 snap.scheduler_state = copy.deepcopy(self.lr_scheduler.state_dict())
                 snap.scaler_state = self._strategy.scaler_state() if self._strategy else None
             snap.rng_state = _rng_state()
@@ -407,9 +439,22 @@ class Trainer(transformers.Trainer):
             _copy_live_tensors(snap)
         self._checkpoint_writer.save(snap)
 
+    def save_model(self, output_dir=None, _internal_call=False):
+        """transformers' save_model; with a sharded strategy (fsdp, deepspeed) every rank must call it:
+        the full weights are gathered on rank 0, which writes them with transformers' `_save`."""
+        strategy = self._strategy
+        if strategy is None or not strategy.sharded:
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state = strategy.full_state_dict(self.model_wrapped)
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
     def _saves_through_hooks(self) -> bool:
         overridden = type(self)._save is not transformers.Trainer._save or \
-            type(self).save_model is not transformers.Trainer.save_model
+            type(self).save_model not in (transformers.Trainer.save_model, Trainer.save_model)
         return overridden or _is_peft_model(self.model)
 
     def _finish_saves(self, block: bool) -> None:

@@ -88,7 +88,7 @@ def test_driver_hardware_checks_are_left_to_the_workers(tmp_path):
     package); raytrainer's driver accepts them and keeps the values for the workers.
     """
     cases = [dict(bf16=True), dict(bf16_full_eval=True), dict(tf32=True),
-             dict(deepspeed={"train_micro_batch_size_per_gpu": 1})]
+             dict(deepspeed={"train_micro_batch_size_per_gpu": 8})]
     for overrides in cases:
         args = TrainingArguments(output_dir=str(tmp_path), report_to="none", **overrides)
         for name, value in overrides.items():

@@ -19,6 +19,7 @@ import transformers
 from safetensors.torch import load_file
 
 import raytrainer
+from raytrainer.data.checks import SAMPLE_ROWS
 from raytrainer import TrainerCallback
 from tests.helpers import (
     CountingDataset, assert_logs_close, cls_examples, lm_examples, make_args, state_dicts_equal, tiny_bert,
@@ -152,9 +153,12 @@ def test_resume_does_not_iterate_skipped_batches(tmp_path, uninterrupted):
     data = CountingDataset(lm_examples(26))
     resumed = _rt(tmp_path, train=data, save_strategy="no")
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
-    # step 2 = 2 updates x 2 accumulated batches x 4 samples = 16 samples of epoch 0 already seen
-    assert len(fetched_full) == 52
-    assert data.fetched == fetched_full[16:]
+    # step 2 = 2 updates x 2 accumulated batches x 4 samples = 16 samples of epoch 0 already seen; each run
+    # first reads the first SAMPLE_ROWS rows on the driver (data/checks.py: a malformed dataset named early)
+    checked = list(range(SAMPLE_ROWS))
+    assert fetched_full[:SAMPLE_ROWS] == data.fetched[:SAMPLE_ROWS] == checked
+    assert len(fetched_full) == SAMPLE_ROWS + 52
+    assert data.fetched[SAMPLE_ROWS:] == fetched_full[SAMPLE_ROWS + 16:]
 
 
 def test_torn_checkpoints_never_chosen(tmp_path, uninterrupted):

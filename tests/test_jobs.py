@@ -1,43 +1,220 @@
-"""jobs/finetune.py: its config handling, and one short in-process run of each shipped config."""
+"""jobs/finetune.py: config + command line parsing, one-line errors before Ray, outputs, shipped configs."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "jobs", "configs")
+SHIPPED = sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yaml"))
 
 
 def load_job():
     spec = importlib.util.spec_from_file_location("finetune", os.path.join(ROOT, "jobs", "finetune.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules["finetune"] = module  # dataclasses and typing.get_type_hints look the module up
     spec.loader.exec_module(module)
     return module
 
 
-def test_set_values_keep_yaml_1_1_words_as_strings():
-    job = load_job()
+@pytest.fixture(scope="module")
+def job():
+    return load_job()
+
+
+def config(tmp_path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_values_keep_yaml_1_1_words_as_strings(job):
     assert job.parse_value("no") == "no" and job.parse_value("off") == "off"
     assert job.parse_value("true") is True and job.parse_value("4") == 4 and job.parse_value("1e-3") == 1e-3
 
 
-@pytest.mark.parametrize("config", ["tiny_gpt2.yaml", "minilm_sentiment.yaml"])
-def test_shipped_config_runs_in_process(config, tmp_path):
-    job = load_job()
-    summary = job.main(["--config", os.path.join(ROOT, "jobs", "configs", config), "--set", "num_workers=0",
-                        "max_steps=2", "save_strategy=no", "eval_strategy=no", f"output_dir={tmp_path}"])
+def test_shipped_configs_begin_with_the_command_that_runs_them():
+    for name in SHIPPED:
+        first = open(os.path.join(CONFIGS, name)).readline()
+        assert first.strip() == f"# Run:    python jobs/finetune.py --config jobs/configs/{name}", name
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_dry_run(job, name, capsys, tmp_path, monkeypatch):
+    """--dry-run resolves every shipped config (data files, model) and prints resources and absolute outputs."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)  # relative outputs resolve against where the user runs
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert job.main(["--config", os.path.join(CONFIGS, name), "--dry-run"]) is None
+    out = capsys.readouterr().out
+    assert "resources: " in out
+    assert f"output_dir: {tmp_path}/runs/" in out
+    assert "plot: " + str(tmp_path) in out
+    assert not ray.is_initialized()
+
+
+def test_cli_overrides_yaml_with_transformers_types(job, tmp_path):
+    cfg, _ = job.load_config(["--config", os.path.join(CONFIGS, "minilm_sentiment.yaml"), "--learning_rate", "1e-4",
+                              "--num_workers", "1", "--eval_strategy", "steps", "--eval_steps", "5",
+                              "--max_length", "16", "--output_dir", str(tmp_path / "o"), "--load_best_model_at_end", "false",
+                              "--set", "save_strategy=no", "report_to=none"])
+    args = cfg.training_args
+    assert args.learning_rate == 1e-4 and isinstance(args.learning_rate, float)
+    assert args.num_workers == 1 and args.eval_steps == 5
+    assert str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps"
+    assert str(getattr(args.save_strategy, "value", args.save_strategy)) == "no"
+    assert args.weight_decay == 0.01  # from the YAML
+    assert cfg.data.max_length == 16 and cfg.data.train_file == "jobs/data/sentiment_train.csv"
+    assert args.output_dir == str(tmp_path / "o")
+
+
+def test_dict_and_list_fields_from_yaml_and_cli(job, tmp_path):
+    path = config(tmp_path, "model: tiny_gpt2\ntraining_args:\n  resources_per_worker: {CPU: 1}\n"
+                            "  report_to: [none]\n  save_strategy: no\n")
+    cfg, _ = job.load_config(["--config", path, "--output_dir", str(tmp_path)])
+    assert cfg.training_args.resources_per_worker == {"CPU": 1}
+    assert str(getattr(cfg.training_args.save_strategy, "value", cfg.training_args.save_strategy)) == "no"
+    cfg, _ = job.load_config(["--config", path, "--resources_per_worker", '{"CPU": 2}'])
+    assert cfg.training_args.resources_per_worker == {"CPU": 2}
+
+
+BAD = [
+    ("modle: tiny_gpt2\n", [], "unknown section 'modle' (did you mean 'model'?)"),
+    ("model: tiny_gpt2\ntraining_args:\n  learning_rat: 1.0e-3\n", [],
+     "training_args.learning_rat is not a known key (did you mean 'learning_rate'?)"),
+    ("model: {model_name_or_path: tiny_gpt2, max_lenght: 8}\n", [], "model.max_lenght is not a known key"),
+    ("model: tiny_gpt2\ndata:\n  max_lenght: 8\n", [], "data.max_lenght is not a known key (did you mean 'max_length'?)"),
+    ("model: tiny_gpt2\ndata:\n  num_workers: 2\n", [], "data.num_workers is not a known key (it belongs in training_args:)"),
+    ("model: tiny_gpt2\n", ["--learning_rat", "1e-4"], "unknown option --learning_rat (did you mean 'learning_rate'?)"),
+    ("model: tiny_gpt2\n", ["--num_workers", "two"], "--num_workers"),
+    ("model: tiny_gpt2\ntraining_args:\n  max_steps: 2.5\n", [], "training_args.max_steps: 2.5 is not a valid int"),
+    ("model: tiny_gpt2\ntraining_args:\n  num_workers: true\n", [], "training_args.num_workers: True is not a valid int"),
+    ("model: tiny_gpt2\ntraining_args:\n  eval_strategy: epochs\n", [], "(did you mean 'epoch'?)"),
+    ("model: tiny_gpt2\ntraining_args:\n  learning_rate: -1\n", [], "learning_rate=-1.0 must be >= 0"),
+    ("model: tiny_gpt2\ndata:\n  train_file: nowhere/train.csv\n", [], "data.train_file: nowhere/train.csv does not exist"),
+    ("model: tiny_gpt2\ndata:\n  train_file: data.xlsx\n", [], "data.train_file: data.xlsx has no known extension"),
+    ("model: /no/such/model\n", [], "model.model_name_or_path: /no/such/model does not exist"),
+    ("model: minilm\ndata:\n  train_file: {csv}\n  text_column: txt\n", [],
+     "data.text_column='txt' is not a column of"),
+    ("model: tiny_gpt2\nsearch:\n  hp_space: {learning_rat: {type: uniform, low: 0, high: 1}}\n", [],
+     "search.hp_space.learning_rat: not a TrainingArguments field (did you mean 'learning_rate'?)"),
+    ("model: tiny_gpt2\nsearch:\n  hp_space: {learning_rate: {type: logunifrm, low: 1, high: 2}}\n", [],
+     "(did you mean 'loguniform'?)"),
+    ("model: tiny_gpt2\n", ["--n_trials", "3"], "--n_trials given but the config has no search: section"),
+]
+
+
+@pytest.mark.parametrize("text,argv,expected", BAD, ids=[b[2][:40] for b in BAD])
+def test_bad_config_is_one_line_before_ray(job, tmp_path, capsys, text, argv, expected):
+    import ray
+
+    text = text.replace("{csv}", os.path.join(ROOT, "jobs", "data", "sentiment_train.csv"))
+    assert job.cli(["--config", config(tmp_path, text), "--output_dir", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("finetune.py: error: ") and expected in err, err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_id_offline_is_one_line(job, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert job.cli(["--config", config(tmp_path, "model: someone/not-cached-model\n"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'someone/not-cached-model'" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_relative_outputs_under_a_ray_job_go_to_the_runs_dir(job, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what `ray job submit` sets for the entrypoint
+    monkeypatch.setenv("RAYTRAINER_RUNS_DIR", str(tmp_path / "runs_home"))
+    cfg, _ = job.load_config(["--config", config(tmp_path, "model: tiny_gpt2\ntraining_args:\n  output_dir: out/x\n"
+                                                            "  storage_path: ckpt\n  run_name: myrun\n")])
+    assert cfg.training_args.output_dir == str(tmp_path / "runs_home" / "myrun")
+    assert cfg.training_args.storage_path == str(tmp_path / "runs_home" / "ckpt")
+    assert any("Ray job" in note and str(tmp_path / "runs_home" / "myrun") in note for note in cfg.notes)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = job.load_config(["--config", config(tmp_path, "model: tiny_gpt2\ntraining_args:\n  output_dir: out/x\n")])
+    assert cfg.training_args.output_dir == str(tmp_path / "out" / "x") and not cfg.notes
+
+
+def test_hp_space_translation(job):
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = job.tune_space({"learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-2},
+                            "weight_decay": {"type": "uniform", "low": 0.0, "high": 0.1},
+                            "seed": {"type": "randint", "low": 0, "high": 4},
+                            "warmup_steps": {"type": "choice", "values": [0, 0.1]}},
+                           ["learning_rate", "weight_decay", "seed", "warmup_steps"])
+    assert isinstance(space["learning_rate"], Float) and space["learning_rate"].lower == 1e-5
+    assert isinstance(space["seed"], Integer) and isinstance(space["warmup_steps"], Categorical)
+    with pytest.raises(job.ConfigError, match="loguniform needs low > 0"):
+        job.tune_space({"learning_rate": {"type": "loguniform", "low": 0, "high": 1}}, ["learning_rate"])
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2.yaml", "minilm_sentiment.yaml"])
+def test_shipped_config_runs_in_process(job, name, tmp_path, capsys):
+    summary = job.main(["--config", os.path.join(CONFIGS, name), "--num_workers", "0", "--max_steps", "2",
+                        "--save_strategy", "no", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+                        "--output_dir", str(tmp_path)])
     assert summary["global_step"] == 2
     assert summary["eval_loss"] > 0
     assert os.path.isfile(tmp_path / "model.safetensors")  # save_model() at the end
+    assert os.path.isfile(tmp_path / "training_plot.png") and summary["plot"] == str(tmp_path / "training_plot.png")
+    out = capsys.readouterr().out
+    assert f"final model: {tmp_path}" in out and "RAYTRAINER_RESULT {" in out
 
 
-def test_config_numbers_in_scientific_notation(tmp_path):
-    job = load_job()
-    config = tmp_path / "c.yaml"
-    config.write_text("model: tiny_gpt2\ndata: {train_rows: 16, eval_rows: 8, seq_len: 8}\ntraining_args:\n"
-                      f"  output_dir: {tmp_path / 'out'}\n  learning_rate: 1e-3\n  max_steps: 1\n  report_to: []\n"
-                      "  save_strategy: 'no'\n")
-    summary = job.main(["--config", str(config)])
+def test_minilm_reads_string_labels_from_csv(job, tmp_path):
+    """labels positive/negative become ids 0/1, and the model knows their names."""
+    cfg, _ = job.load_config(["--config", os.path.join(CONFIGS, "minilm_sentiment.yaml"), "--num_workers", "0",
+                              "--output_dir", str(tmp_path)])
+    found = job.check_inputs(cfg)
+    prepared = job.prepare(cfg, found)
+    labels = {int(row["labels"]) for row in prepared.train}
+    assert labels == {0, 1} and len(prepared.train) == 256 and len(prepared.eval) == 128
+    assert prepared.train[0]["input_ids"].shape[0] == cfg.data.max_length
+    model = prepared.model_init()
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_causal_lm_from_a_text_file_in_blocks(job, tmp_path):
+    cfg, _ = job.load_config(["--config", os.path.join(CONFIGS, "tiny_gpt2_text.yaml"), "--output_dir", str(tmp_path),
+                              "--report_to", "none"])
+    prepared = job.prepare(cfg, job.check_inputs(cfg))
+    text = open(os.path.join(ROOT, "jobs", "data", "tiny_corpus.txt"), "rb").read()
+    block = prepared.train[0]["input_ids"]
+    assert bytes(block.tolist()) == text[: cfg.data.max_length]  # the bytes of the file, in order
+    assert len(prepared.train) == len(text) // cfg.data.max_length
+
+
+def test_config_numbers_in_scientific_notation(job, tmp_path):
+    path = config(tmp_path, "model: tiny_gpt2\ndata: {train_rows: 16, eval_rows: 8, max_length: 8}\ntraining_args:\n"
+                            f"  output_dir: {tmp_path / 'out'}\n  learning_rate: 1e-3\n  max_steps: 1\n  report_to: []\n"
+                            "  save_strategy: no\n  num_workers: 0\n")
+    summary = job.main(["--config", path])
     assert summary["global_step"] == 1
+
+
+@pytest.mark.ray
+def test_two_workers_read_and_tokenise_with_ray_data(job, tmp_path, ray_cluster, capsys):
+    """num_workers=2 with a data file: Ray Data reads the CSV, map_batches tokenises, Ray Train shards it."""
+    import ray.data
+
+    argv = ["--config", os.path.join(CONFIGS, "minilm_sentiment.yaml"), "--num_workers", "2", "--max_steps", "2",
+            "--save_strategy", "no", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+            "--output_dir", str(tmp_path)]
+    cfg, _ = job.load_config(argv)
+    prepared = job.prepare(cfg, job.check_inputs(cfg))
+    assert isinstance(prepared.train, ray.data.Dataset)
+    rows = prepared.train.take_all()
+    assert len(rows) == 256 and {int(r["labels"]) for r in rows} == {0, 1}
+    assert all(len(r["input_ids"]) == cfg.data.max_length for r in rows)
+    summary = job.main(argv)
+    assert summary["global_step"] == 2 and summary["eval_loss"] > 0
+    assert os.path.isfile(tmp_path / "model.safetensors") and os.path.isfile(tmp_path / "training_plot.png")

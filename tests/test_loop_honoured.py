@@ -270,7 +270,7 @@ def test_several_gpus_without_a_process_group_choose_data_parallel(monkeypatch):
     from raytrainer.strategies import DataParallelStrategy, Strategy, build_strategy
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    args = types.SimpleNamespace(n_gpu=2, mixed_precision="no")
+    args = types.SimpleNamespace(n_gpu=2, mixed_precision="no", strategy="ddp")
     strategy = build_strategy(args, torch.device("cpu"), world_size=1)
     assert isinstance(strategy, DataParallelStrategy)
     assert isinstance(strategy.setup_model(torch.nn.Linear(2, 2)), torch.nn.DataParallel)

@@ -285,7 +285,9 @@ def test_unknown_key_with_zero_argument_model_init_names_the_closest_field(args)
 
 
 def test_refused_and_per_search_fields(args):
-    with pytest.raises(ValueError, match="'fsdp'.*not supported"):
+    with pytest.raises(ValueError, match="'dataloader_in_order'.*not supported"):
+        check_search(args, {"dataloader_in_order": tune.choice([True, False])}, model_init_trial)
+    with pytest.raises(ValueError, match="'fsdp' cannot vary"):
         check_search(args, {"fsdp": tune.choice(["full_shard", ""])}, model_init_trial)
     with pytest.raises(ValueError, match="'num_workers' cannot vary"):
         check_search(args, {"num_workers": tune.choice([1, 2])}, model_init_trial)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 
 from .base import Strategy
 from .ddp import DDPStrategy
 from .dp import DataParallelStrategy
+
+logger = logging.getLogger("raytrainer")
 
 
 def ddp_kwargs(args, model=None) -> dict:
@@ -32,8 +36,20 @@ def ddp_kwargs(args, model=None) -> dict:
 
 
 def build_strategy(args, device, model=None, world_size: int | None = None) -> Strategy:
+    distributed = dist.is_available() and dist.is_initialized()
     if world_size is None:
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world_size = dist.get_world_size() if distributed else 1
+    if args.strategy in ("fsdp", "deepspeed"):
+        if distributed:
+            if args.strategy == "fsdp":
+                from .fsdp import FSDPStrategy
+
+                return FSDPStrategy(device, args.mixed_precision, fsdp_config=args.fsdp_config)
+            from .deepspeed import DeepSpeedStrategy
+
+            return DeepSpeedStrategy(device, args.mixed_precision, args=args)
+        logger.warning("raytrainer: strategy=%r needs a process group (num_workers >= 1); training in this process "
+                       "without sharding", args.strategy)
     if world_size == 1:
         if args.n_gpu > 1 and torch.cuda.device_count() > 1:
             # one process, several GPUs, no process group: transformers' nn.DataParallel
@@ -41,9 +57,19 @@ def build_strategy(args, device, model=None, world_size: int | None = None) -> S
         return Strategy(device, args.mixed_precision)
     if args.strategy == "ddp":
         return DDPStrategy(device, args.mixed_precision, **ddp_kwargs(args, model))
-    raise NotImplementedError(
-        f"strategy={args.strategy!r} is not available yet in this raytrainer build; use strategy='ddp'."
-    )
+    raise NotImplementedError(f"strategy={args.strategy!r} is unknown; use 'ddp', 'fsdp' or 'deepspeed'.")
+
+
+def check_strategy(args, model=None) -> None:
+    """Driver-side checks of a sharded strategy against the model, before any worker starts."""
+    if args.strategy == "fsdp":
+        from .fsdp import check_wrap_policy
+
+        check_wrap_policy(model, args.fsdp_config)
+    elif args.strategy == "deepspeed":
+        from .deepspeed import deepspeed_config
+
+        deepspeed_config(args, max(1, args.num_workers))
 
 
 def _pretrained_model_cls():
@@ -52,4 +78,4 @@ def _pretrained_model_cls():
     return PreTrainedModel
 
 
-__all__ = ["Strategy", "DDPStrategy", "DataParallelStrategy", "build_strategy", "ddp_kwargs"]
+__all__ = ["Strategy", "DDPStrategy", "DataParallelStrategy", "build_strategy", "check_strategy", "ddp_kwargs"]

@@ -1,6 +1,17 @@
 """The one small interface the loop talks to; the loop never branches on the strategy.
 
 Ray's TorchTrainer has already created the process group when a strategy is built.
+
+Every hook has the single-process / DDP behaviour as its default; FSDP (fsdp.py) and DeepSpeed
+(deepspeed.py) override the ones where the state lives in shards:
+
+* `prepare(trainer, max_steps)`: build the optimizer and wrap the model, in the order the strategy
+  needs (DDP: optimizer then wrap; FSDP: shard then optimizer; DeepSpeed: the engine takes both).
+* `backward`, `no_sync`, `clip_grad_norm`, `grad_norm`, `optimizer_step`, `step_scheduler`,
+  `zero_grad`: one optimizer step.
+* `sharded`: True when weights or optimizer state are split over ranks. Then `full_state_dict`,
+  `save_sharded` and `load_sharded` are collectives every rank must join (trainer.py calls them on
+  every rank, in the foreground, into the temporary folder the checkpoint writer completes).
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ class Strategy:
     """Single process: no wrapping, plain backward, torch's own clipping."""
 
     name = "local"
+    sharded = False  # weights / optimizer state split over ranks: saves and loads are collective
 
     def __init__(self, device: torch.device, mixed_precision: str = "no"):
         self.device = device
@@ -21,6 +33,12 @@ class Strategy:
         self.scaler = torch.amp.GradScaler(device.type) if mixed_precision == "fp16" else None
 
     # --- setup -------------------------------------------------------------
+    def prepare(self, trainer, max_steps: int) -> torch.nn.Module:
+        """Create trainer.optimizer (transformers' create_optimizer) and return the module the loop calls
+        forward on. The loop then creates the scheduler on trainer.optimizer (unless set here)."""
+        trainer.create_optimizer()
+        return self.setup_model(trainer.model)
+
     def setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Return the module the loop calls forward on (DDP wraps it)."""
         return model
@@ -61,7 +79,32 @@ class Strategy:
         self.scaler.update()
         return self.scaler.get_scale() >= scale
 
+    def step_scheduler(self, scheduler) -> None:
+        """After a successful optimizer step (a strategy whose engine steps its own scheduler skips it)."""
+        scheduler.step()
+
+    def zero_grad(self, model) -> None:
+        model.zero_grad(set_to_none=True)
+
     # --- checkpoint ------------------------------------------------------------
+    def full_state_dict(self, model) -> dict | None:
+        """The whole model's state dict on rank 0 (None on other ranks). Collective when `sharded`.
+
+        Default: the bare module's live tensors (the caller copies them); sharded strategies gather
+        CPU copies."""
+        return self.unwrap(model).state_dict()
+
+    def optimizer_state(self, optimizer) -> dict | None:
+        """The optimizer state rank 0 writes as optimizer.pt; None when it is saved sharded instead."""
+        return optimizer.state_dict()
+
+    def save_sharded(self, model, optimizer, folder: str, step: int) -> None:
+        """Collective: every rank writes its shard of the weights and optimizer state into `folder`."""
+
+    def load_checkpoint(self, trainer, folder: str) -> None:
+        """Resume: optimizer and scheduler state (the weights were loaded by transformers' train())."""
+        trainer._load_optimizer_and_scheduler(folder)
+
     def scaler_state(self) -> dict | None:
         return self.scaler.state_dict() if self.scaler is not None else None
 

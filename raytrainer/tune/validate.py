@@ -33,6 +33,10 @@ PER_SEARCH_FIELDS = {
     "resources_per_worker": "Tune reserves each trial's workers before the trial's hyperparameters are sampled",
     "storage_path": "every trial of the search is stored under one experiment folder",
     "storage_filesystem": "every trial of the search is stored under one experiment folder",
+    "strategy": "a search compares hyperparameters under one parallelism strategy",
+    "fsdp": "a search compares hyperparameters under one parallelism strategy",
+    "fsdp_config": "a search compares hyperparameters under one parallelism strategy",
+    "deepspeed": "a search compares hyperparameters under one parallelism strategy",
 }
 
 _MODEL_INIT = ("hyperparameter_search needs model_init=... (a function building a fresh model per trial), "
@@ -272,7 +276,14 @@ def _args_error(trainer_args, overrides: dict) -> str | None:
 
 
 def _field_type(trainer_args, name: str):
-    return next(f.type for f in dataclasses.fields(trainer_args) if f.name == name)
+    return _field_types(type(trainer_args))[name]
+
+
+def _field_types(cls) -> dict:
+    # the annotations, not dataclasses.Field.type: HfArgumentParser rewrites Field.type in place
+    from ..field_types import _hints
+
+    return {f.name: _hints(cls).get(f.name, f.type) for f in dataclasses.fields(cls)}
 
 
 # -------------------------------------------------------------------------------------- direction
@@ -329,11 +340,12 @@ def split_params(params: Mapping[str, Any], args=None) -> tuple[dict[str, Any], 
     becomes an int), except that a float field keeps a float (warmup_steps=0.1 stays a ratio where
     transformers would make it int(0.1) == 0) and bools are never cast (bool("False") is True).
     """
-    field_types = {f.name: f.type for f in dataclasses.fields(args)} if args is not None else None
-    if field_types is None:
+    if args is None:
         from ..args import TrainingArguments
 
-        field_types = {f.name: f.type for f in dataclasses.fields(TrainingArguments)}
+        field_types = _field_types(TrainingArguments)
+    else:
+        field_types = _field_types(type(args))
     overrides, model_params = {}, {}
     for key, value in params.items():
         if key == "wandb":  # Tune's W&B integration adds it; transformers drops it too

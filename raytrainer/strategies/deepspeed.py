@@ -1,0 +1,218 @@
+"""DeepSpeed ZeRO (stages 0-3, CPU offload included) over the process group Ray Train created:
+`deepspeed.initialize(..., dist_init_required=False)`.
+
+Why DeepSpeed's own API and not accelerate's DeepSpeedPlugin: accelerate's plugin runs
+`deepspeed.initialize` inside `Accelerator.prepare`, which also wants to own the dataloader and the
+gradient-accumulation counter, and steps the engine inside `accelerator.backward`. raytrainer's loop
+owns the data (exact resume) and the step sequence (transformers' callback order), so we call the
+engine directly: `engine.backward`, `engine.step`, `engine.save_checkpoint` / `load_checkpoint`.
+The configuration is transformers' own: `HfTrainerDeepSpeedConfig.trainer_config_process` /
+`trainer_config_finalize` fill the "auto" values from TrainingArguments and list the values that
+contradict them (`deepspeed_config` below; the driver runs it too, so a contradiction is a
+ValueError before any worker starts).
+
+Beyond transformers' "auto" filling, values a config leaves out are set from TrainingArguments
+(setdefault, so the config wins where it speaks): the batch sizes, `gradient_clipping` (=
+max_grad_norm: transformers leaves clipping to the config; we honour max_grad_norm as DDP does), and,
+when the config names no optimizer, `zero_allow_untested_optimizer` (as transformers) and with
+optimizer offload `zero_force_ds_cpu_optimizer: false`: TrainingArguments' optimizer (torch AdamW)
+then steps the fp32 partitions on the CPU (DeepSpeedCPUAdam needs a compiled op that
+`DS_BUILD_OPS=0` leaves out).
+
+Step sequence: the loop's no_sync marks micro-steps inside an accumulation window
+(`set_gradient_accumulation_boundary(False)`), `backward` is `engine.backward(loss,
+scale_wrt_gas=False)` (transformers' training_step has already divided the loss), `optimizer_step`
+is `engine.step()` (clipping and the norm happen there; `clip_grad_norm` returns a tensor filled in
+by that step, read when the step's logs are written). The scheduler is transformers' own, on the
+optimizer DeepSpeed steps, unless the config has a "scheduler" (then the engine steps it).
+
+Checkpoints: `engine.save_checkpoint(folder, tag="global_step<N>")` by every rank (each writes its
+optimizer partitions), plus the consolidated weights (ZeRO-3: gathered layer by layer on rank 0;
+ZeRO-0/1/2: rank 0's module) as `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import json
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from .base import Strategy
+
+logger = logging.getLogger("raytrainer")
+
+
+class _ArgsWithWorld:
+    """TrainingArguments as seen by the workers: transformers reads args.world_size (the driver's is 1)."""
+
+    def __init__(self, args, world_size: int):
+        self._args, self.world_size = args, world_size
+
+    def __getattr__(self, name):
+        return getattr(self._args, name)
+
+
+def load_config(value) -> dict:
+    if isinstance(value, dict):
+        return copy.deepcopy(value)
+    if isinstance(value, str):
+        if not os.path.isfile(value):
+            raise ValueError(f"deepspeed={value!r}: no such file; pass a ZeRO config dict or the path of a JSON file.")
+        with open(value, encoding="utf-8") as f:
+            return json.load(f)
+    raise ValueError(f"deepspeed= must be a dict or the path of a JSON file (got {type(value).__name__}).")
+
+
+def deepspeed_config(args, world_size: int, model=None, max_steps: int | None = None) -> dict:
+    """The DeepSpeed config the workers run: transformers' "auto" filling, our defaults, and a
+    ValueError listing every value that contradicts TrainingArguments."""
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
+
+    config = load_config(args.deepspeed)
+    hf = HfTrainerDeepSpeedConfig(config)
+    try:
+        view = _ArgsWithWorld(args, world_size)
+        hf.trainer_config_process(view, auto_find_batch_size=False)
+        if max_steps is not None:
+            hf.trainer_config_finalize(view, model, max_steps)  # raises on mismatches
+        elif hf.mismatches:
+            raise ValueError(
+                "Please correct the following DeepSpeed config values that mismatch TrainingArguments values:\n"
+                + "\n".join(hf.mismatches)
+                + f"\n(num_workers={world_size}.) The easiest method is to set these DeepSpeed config values to 'auto'."
+            )
+        config = hf.config
+    finally:
+        # transformers keeps a global reference that makes from_pretrained use zero.Init; not for us
+        unset_hf_deepspeed_config()
+    micro = args.per_device_train_batch_size
+    config.setdefault("train_micro_batch_size_per_gpu", micro)
+    config.setdefault("gradient_accumulation_steps", args.gradient_accumulation_steps)
+    config.setdefault("train_batch_size", micro * args.gradient_accumulation_steps * world_size)
+    config.setdefault("gradient_clipping", args.max_grad_norm or 0.0)
+    config.setdefault("steps_per_print", 10**9)  # the loop logs; DeepSpeed's own progress lines are noise
+    zero = config.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed zero_optimization.stage={stage!r} must be 0, 1, 2 or 3.")
+    if "optimizer" not in config:
+        config.setdefault("zero_allow_untested_optimizer", True)
+        offload = (zero.get("offload_optimizer") or {}).get("device", "none")
+        if str(offload).lower() == "cpu":
+            config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return config
+
+
+def zero_stage(args) -> int:
+    return int(load_config(args.deepspeed).get("zero_optimization", {}).get("stage", 0))
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+    sharded = True
+
+    def __init__(self, device, mixed_precision="no", args=None):
+        super().__init__(device, "no")  # DeepSpeed scales fp16 losses itself
+        self.args = args
+        self.engine = None
+        self.own_scheduler = False
+        self._norm = None
+
+    # --- setup -------------------------------------------------------------
+    def prepare(self, trainer, max_steps):
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(max(logging.WARNING, self.args.get_process_log_level()))
+        config = deepspeed_config(self.args, dist.get_world_size(), trainer.model, max_steps)
+        self.stage = int(config.get("zero_optimization", {}).get("stage", 0))
+        model = trainer.model
+        kwargs = {}
+        if "optimizer" in config:  # DeepSpeed builds it from the config
+            kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]
+        else:
+            trainer.create_optimizer()
+            kwargs["optimizer"] = trainer.optimizer
+        engine, optimizer, _, scheduler = deepspeed.initialize(model=model, config=config, dist_init_required=False,
+                                                               **kwargs)
+        self.engine = engine
+        if "optimizer" in config:
+            trainer.optimizer = optimizer
+        if scheduler is not None:  # the config's "scheduler": the engine steps it
+            trainer.lr_scheduler = scheduler
+            self.own_scheduler = True
+        engine.set_gradient_accumulation_boundary(True)
+        return engine
+
+    def unwrap(self, model):
+        return getattr(model, "module", model)
+
+    # --- step ----------------------------------------------------------------
+    def backward(self, loss):
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    @contextlib.contextmanager
+    def no_sync(self, model):
+        self.engine.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.engine.set_gradient_accumulation_boundary(True)
+
+    def clip_grad_norm(self, model, optimizer, max_norm):
+        # DeepSpeed clips inside engine.step() (gradient_clipping = max_grad_norm); the norm is known there
+        self._norm = torch.full((), float("nan"))
+        return self._norm
+
+    def grad_norm(self, model, optimizer):
+        return self.clip_grad_norm(model, optimizer, 0.0)
+
+    def optimizer_step(self, optimizer):
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if self._norm is not None and norm is not None:
+            self._norm.fill_(float(norm))
+        return not bool(getattr(self.engine.optimizer, "overflow", False))
+
+    def step_scheduler(self, scheduler):
+        if not self.own_scheduler:
+            scheduler.step()
+
+    def zero_grad(self, model):
+        pass  # engine.step() zeroes the gradients (and the engine's zero_grad takes no set_to_none)
+
+    # --- checkpoint ------------------------------------------------------------
+    def full_state_dict(self, model):
+        engine = self.engine
+        if self.stage == 3:
+            state = engine._zero3_consolidated_16bit_state_dict()
+            return {k: v.clone() for k, v in state.items()} if state is not None else None
+        if dist.get_rank() != 0:
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+
+    def optimizer_state(self, optimizer):
+        return None  # in global_step<N>/, one file per rank
+
+    def save_sharded(self, model, optimizer, folder, step):
+        self.engine.save_checkpoint(folder, tag=f"global_step{step}")
+
+    def load_checkpoint(self, trainer, folder):
+        if not glob.glob(os.path.join(folder, "global_step*")):
+            logger.warning("raytrainer: %s has no DeepSpeed state (global_step*/): weights resumed, optimizer state "
+                           "starts fresh", folder)
+        else:
+            path, _ = self.engine.load_checkpoint(folder, load_module_strict=True, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=self.own_scheduler)
+            if path is None:
+                raise ValueError(f"DeepSpeed could not resume from {folder}")
+        if not self.own_scheduler:
+            from .fsdp import _load_scheduler
+
+            _load_scheduler(trainer, folder)

@@ -1,0 +1,184 @@
+"""FSDP2 over the process group Ray Train created: `torch.distributed.fsdp.fully_shard` and
+`torch.distributed.checkpoint` (DCP).
+
+Why torch's API and not accelerate's FullyShardedDataParallelPlugin: the plugin is a front for these
+same calls (accelerate's `fsdp2_prepare_model` calls `fully_shard`, its `save_fsdp_model` calls DCP),
+but it comes with an `Accelerator` that owns the optimizer, the dataloader, gradient accumulation
+and the process state. raytrainer's loop owns all of those (exact resume, Ray's process group), so
+the plugin would be driven half-way through private functions. The torch calls are public, few,
+and are what FSDP2 is. transformers' `fsdp` / `fsdp_config` fields are read as transformers reads
+them (TrainingArguments normalises `fsdp="full_shard auto_wrap"` into fsdp_config).
+
+What it does:
+* wraps each module whose class is in `fsdp_config["transformer_layer_cls_to_wrap"]` (default: the
+  model's `_no_split_modules`, as accelerate's TRANSFORMER_BASED_WRAP), then the root, with
+  `reshard_after_forward` (full_shard: True, shard_grad_op: False), `cpu_offload` (CPUOffloadPolicy)
+  and bf16 compute (MixedPrecisionPolicy) when bf16=True;
+* `activation_checkpointing=True`: transformers' gradient checkpointing on the model (non-reentrant),
+  which keeps parameter names clean;
+* no_sync: `set_requires_gradient_sync(False)` on the micro-steps inside an accumulation window;
+* clipping: `clip_grad_norm_` over the DTensor gradients (the norm is the global one);
+* checkpoints: `model_dcp/` (model) and `optim_dcp/` (optimizer), sharded DCP written by every
+  rank, plus a consolidated `model.safetensors` gathered on rank 0 (`get_model_state_dict(
+  full_state_dict=True, cpu_offload=True)`), so `from_pretrained` and transformers' own resume read
+  it. Not accelerate's folder names (`pytorch_model_fsdp_0/`, `optimizer_0/`): transformers' resume
+  code refuses the first unless its own FSDP plugin is on, and looks for optimizer.pt next to the
+  second. `fsdp_config["state_dict_type"]` is accepted; both forms are always written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from .base import Strategy
+
+MODEL_DIR = "model_dcp"
+OPTIMIZER_DIR = "optim_dcp"
+
+
+def layer_classes_to_wrap(model, fsdp_config: dict | None) -> tuple[list[str], set[str]]:
+    """(class names asked for, class names found in the model)."""
+    config = fsdp_config or {}
+    names = config.get("transformer_layer_cls_to_wrap")
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        names = list(getattr(model, "_no_split_modules", None) or [])
+    present = {type(m).__name__ for m in model.modules()}
+    return list(names), present & set(names)
+
+
+def check_wrap_policy(model, fsdp_config: dict | None) -> None:
+    """Raise a ValueError when no module of the model would be sharded on its own (driver-side)."""
+    config = fsdp_config or {}
+    policy = str(config.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")).upper()
+    if policy == "NO_WRAP":
+        return
+    if policy != "TRANSFORMER_BASED_WRAP":
+        raise ValueError(
+            f"fsdp_config auto_wrap_policy={policy!r} is not supported by raytrainer's FSDP2 strategy: use "
+            '"TRANSFORMER_BASED_WRAP" (with transformer_layer_cls_to_wrap) or "NO_WRAP".'
+        )
+    if model is None:
+        return
+    names, found = layer_classes_to_wrap(model, config)
+    if not names:
+        raise ValueError(
+            f"fsdp: {type(model).__name__} names no layer class to wrap (no _no_split_modules): set "
+            'fsdp_config={"transformer_layer_cls_to_wrap": ["<DecoderLayerClass>"]}.'
+        )
+    if not found:
+        classes = sorted({type(m).__name__ for m in model.modules() if len(list(m.children())) > 0})
+        raise ValueError(
+            f"fsdp_config transformer_layer_cls_to_wrap={names} matches no module of {type(model).__name__}; "
+            f"its module classes include {classes[:12]}: set transformer_layer_cls_to_wrap to the class of "
+            "its transformer blocks."
+        )
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+    sharded = True
+
+    def __init__(self, device, mixed_precision="no", fsdp_config: dict | None = None):
+        super().__init__(device, mixed_precision)
+        self.config = dict(fsdp_config or {})
+        self.mixed_precision = mixed_precision
+
+    # --- setup -------------------------------------------------------------
+    def prepare(self, trainer, max_steps):
+        model = self.setup_model(trainer.model)
+        # after sharding: the optimizer must hold the sharded (DTensor) parameters
+        trainer.create_optimizer()
+        return model
+
+    def setup_model(self, model):
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        check_wrap_policy(model, self.config)
+        if _true(self.config.get("activation_checkpointing")) and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"reshard_after_forward": _true(self.config.get("reshard_after_forward", True))}
+        if _true(self.config.get("cpu_offload")) or _true(self.config.get("offload_params")):
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        if self.mixed_precision == "bf16":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if str(self.config.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")).upper() != "NO_WRAP":
+            names, _ = layer_classes_to_wrap(model, self.config)
+            for module in list(model.modules()):
+                if type(module).__name__ in names:
+                    fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    def unwrap(self, model):
+        return model  # fully_shard changes the module in place: it is the bare model too
+
+    # --- step ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_sync(self, model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    def clip_grad_norm(self, model, optimizer, max_norm):
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+        return _full(norm)
+
+    # --- checkpoint ------------------------------------------------------------
+    def full_state_dict(self, model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if dist.get_rank() == 0 else None
+
+    def optimizer_state(self, optimizer):
+        return None  # in optim_dcp/, sharded
+
+    def save_sharded(self, model, optimizer, folder, step):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state}, checkpoint_id=os.path.join(folder, MODEL_DIR))
+        dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
+
+    def load_checkpoint(self, trainer, folder):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model, optimizer = trainer.model_wrapped, trainer.optimizer
+        if not os.path.isdir(os.path.join(folder, OPTIMIZER_DIR)):
+            # a checkpoint without sharded state (DDP's, transformers'): the weights are loaded already
+            return Strategy.load_checkpoint(self, trainer, folder)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.load({"model": model_state}, checkpoint_id=os.path.join(folder, MODEL_DIR))
+        dcp.load({"optimizer": optim_state}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        _load_scheduler(trainer, folder)
+
+
+def _load_scheduler(trainer, folder: str) -> None:
+    from transformers.trainer import SCHEDULER_NAME
+
+    path = os.path.join(folder, SCHEDULER_NAME)
+    if os.path.isfile(path) and trainer.lr_scheduler is not None:
+        trainer.lr_scheduler.load_state_dict(torch.load(path, weights_only=True))
+
+
+def _full(norm):
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def _true(value) -> bool:
+    return str(value).lower() in ("true", "1", "yes") if not isinstance(value, bool) else value
