@@ -5,6 +5,28 @@ from ._versions import check_versions as _check_versions
 
 _check_versions()
 
+
+def _name_the_cpu_for_deepspeed() -> None:
+    """accelerate imports DeepSpeed in every Trainer() when it is installed, and DeepSpeed then logs
+    "Setting accelerator to CPU. If you have GPU ... we were unable to detect it." in every process
+    (driver and each worker). On a machine with no accelerator, say so up front: no warning."""
+    import importlib.util
+    import os
+
+    if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch
+
+    others = ("torch_npu", "intel_extension_for_pytorch", "habana_frameworks")
+    if torch.cuda.is_available() or torch.backends.mps.is_available() or \
+            (hasattr(torch, "xpu") and torch.xpu.is_available()) or \
+            any(importlib.util.find_spec(name) is not None for name in others):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+_name_the_cpu_for_deepspeed()
+
 from transformers import (
     DefaultFlowCallback,
     EarlyStoppingCallback,

@@ -28,11 +28,13 @@ import time
 import torch
 import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .args import TrainingArguments
 from .checkpoint import CheckpointWriter, Snapshot, latest_checkpoint
 from .checkpoint.writer import state_to_json, to_cpu
 from .loop import TrainingLoop, world_info
+from .redact import save_args_without_secrets
 from .strategies.base import is_lomo
 
 logger = logging.getLogger("raytrainer")
@@ -452,8 +454,15 @@ class Trainer(transformers.Trainer):
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        # transformers pickled self.args (hub_token, an S3 filesystem's keys) into training_args.bin
+        path = os.path.join(output_dir if output_dir is not None else self.args.output_dir, TRAINING_ARGS_NAME)
+        if os.path.isfile(path):
+            save_args_without_secrets(self.args, path)
+
     def _saves_through_hooks(self) -> bool:
-        overridden = type(self)._save is not transformers.Trainer._save or \
+        overridden = type(self)._save not in (transformers.Trainer._save, Trainer._save) or \
             type(self).save_model not in (transformers.Trainer.save_model, Trainer.save_model)
         return overridden or _is_peft_model(self.model)
 
