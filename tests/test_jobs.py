@@ -26,6 +26,15 @@ def job():
     return load_job()
 
 
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """The job must finish before starting Ray (a Ray of an earlier test in this session may be up)."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("the job started Ray"))
+
+
 def config(tmp_path, text: str) -> str:
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -44,10 +53,8 @@ def test_shipped_configs_begin_with_the_command_that_runs_them():
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_configs_dry_run(job, name, capsys, tmp_path, monkeypatch):
+def test_shipped_configs_dry_run(job, name, capsys, tmp_path, monkeypatch, ray_must_not_start):
     """--dry-run resolves every shipped config (data files, model) and prints resources and absolute outputs."""
-    import ray
-
     monkeypatch.chdir(tmp_path)  # relative outputs resolve against where the user runs
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     assert job.main(["--config", os.path.join(CONFIGS, name), "--dry-run"]) is None
@@ -55,7 +62,6 @@ def test_shipped_configs_dry_run(job, name, capsys, tmp_path, monkeypatch):
     assert "resources: " in out
     assert f"output_dir: {tmp_path}/runs/" in out
     assert "plot: " + str(tmp_path) in out
-    assert not ray.is_initialized()
 
 
 def test_cli_overrides_yaml_with_transformers_types(job, tmp_path):
@@ -110,15 +116,12 @@ BAD = [
 
 
 @pytest.mark.parametrize("text,argv,expected", BAD, ids=[b[2][:40] for b in BAD])
-def test_bad_config_is_one_line_before_ray(job, tmp_path, capsys, text, argv, expected):
-    import ray
-
+def test_bad_config_is_one_line_before_ray(job, tmp_path, capsys, text, argv, expected, ray_must_not_start):
     text = text.replace("{csv}", os.path.join(ROOT, "jobs", "data", "sentiment_train.csv"))
     assert job.cli(["--config", config(tmp_path, text), "--output_dir", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("finetune.py: error: ") and expected in err, err
-    assert not ray.is_initialized()
     assert not (tmp_path / "o").exists()
 
 
