@@ -32,6 +32,7 @@ from .fields import REFUSED, REFUSED_ACCELERATOR_OPTIONS
 from .field_types import check_field_types
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
+NONFINITE_STEPS = ("skip", "stop", "apply")
 SCHEDULERS = tuple(s.value for s in transformers.SchedulerType)
 OPTIMIZERS = tuple(o.value for o in OptimizerNames)
 
@@ -63,6 +64,10 @@ class TrainingArguments(transformers.TrainingArguments):
     max_failures: int = field(default=0, metadata={"help": "Worker-group restarts Ray may do; -1 for unlimited."})
     save_in_background: bool = field(
         default=True, metadata={"help": "Write checkpoints in a background thread after an in-memory snapshot."}
+    )
+    nonfinite_steps: str = field(
+        default="skip", metadata={"help": "A step whose gradient norm is NaN/inf: skip (no update, counted in the "
+                                          "logs) | stop (FloatingPointError naming the step) | apply (transformers)."}
     )
 
     def __post_init__(self):
@@ -132,6 +137,8 @@ class TrainingArguments(transformers.TrainingArguments):
                 f"lr_scheduler_type={sched!r} is unknown; use one of {', '.join(SCHEDULERS)}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
             )
+        if self.nonfinite_steps not in NONFINITE_STEPS:
+            raise ValueError(f"nonfinite_steps={self.nonfinite_steps!r} is unknown; use one of {', '.join(NONFINITE_STEPS)}.")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
 

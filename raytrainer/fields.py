@@ -180,6 +180,7 @@ HONOURED: dict[str, str] = {
     "storage_filesystem": _STORAGE,
     "max_failures": "Ray `FailureConfig(max_failures)`: restarts resume from the latest checkpoint",
     "save_in_background": "checkpoint/writer.py: in-process checkpoints are written by a thread",
+    "nonfinite_steps": "loop.py: a step with a NaN/inf gradient norm is skipped (counted), stops the run, or is applied",
 }
 
 # accelerator_config sub-options that raytrainer's own training sampler and loop replace: refused

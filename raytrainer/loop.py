@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sys
 import time
@@ -239,6 +240,27 @@ class TrainingLoop:
         t._finish_saves(block=True)  # every checkpoint complete, its on_save fired, rotation done
         return t._finalize_training(trial, num_train_samples, start_time)
 
+    def apply_update(self, strategy, grad_norm) -> bool:
+        """False for a step to skip: its gradient norm (the same on every rank: the gradients are already
+        reduced) is NaN or inf. fp16's loss scaler handles its own overflows, as in transformers."""
+        policy = self.args.nonfinite_steps
+        if policy == "apply" or strategy.scaler is not None or grad_norm is None or not strategy.can_skip_steps:
+            return True
+        norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if math.isfinite(norm):
+            return True
+        step = self.t.state.global_step + 1
+        if policy == "stop":
+            raise FloatingPointError(
+                f"step {step}: the gradient norm is {norm} (a NaN/inf loss or gradient); nothing of this step was "
+                "applied. Lower learning_rate, set max_grad_norm, check the data of this step, or set "
+                "nonfinite_steps='skip' to skip such steps."
+            )
+        self.t._nonfinite_steps_skipped += 1
+        logger.warning("raytrainer: step %d skipped: gradient norm %s (NaN/inf); %d step(s) skipped so far "
+                       "(nonfinite_steps='skip')", step, norm, self.t._nonfinite_steps_skipped)
+        return False
+
     def log_banner(self, model, num_examples, num_train_epochs, num_update_steps_per_epoch, total_train_batch_size,
                    max_steps, resume_from_checkpoint, epochs_trained, steps_trained_in_current_epoch):
         """transformers' "***** Running training *****" lines, word for word, on its logger."""
@@ -329,7 +351,10 @@ class TrainingLoop:
                         grad_norm = strategy.grad_norm(model, t.optimizer)
                     t.control = t.callback_handler.on_pre_optimizer_step(args, t.state, t.control)
                     t._checkpoint_writer.wait_copied()  # a background snapshot still reads these weights
-                    stepped = strategy.optimizer_step(t.optimizer)
+                    if self.apply_update(strategy, grad_norm):
+                        stepped = strategy.optimizer_step(t.optimizer)
+                    else:
+                        stepped = False
                     t.control = t.callback_handler.on_optimizer_step(args, t.state, t.control)
                     learning_rate = t._get_learning_rate()
                     if stepped and not isinstance(t.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) \

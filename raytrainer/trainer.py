@@ -82,6 +82,7 @@ class Trainer(transformers.Trainer):
         self._resume_requested_latest = False
         self._fit_id = None  # set inside Ray workers: which fit() wrote a checkpoint
         self._strategy = None
+        self._nonfinite_steps_skipped = 0
         self._checkpoint_writer = CheckpointWriter(background=args.save_in_background)
         self._flops_per_token = None
         self._training_step_takes_items = None  # signatures of the (possibly overridden) hooks, read once
@@ -497,6 +498,8 @@ class Trainer(transformers.Trainer):
                 self.callback_handler, self.args, pending.state, self.control)
 
     def log(self, logs, start_time=None):
+        if self._nonfinite_steps_skipped and "loss" in logs:  # only when it happened: logs stay transformers'
+            logs["nonfinite_steps_skipped"] = self._nonfinite_steps_skipped
         self._last_metrics = dict(logs)
         return super().log(logs, start_time)
 

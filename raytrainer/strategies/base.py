@@ -25,6 +25,8 @@ class Strategy:
     """Single process: no wrapping, plain backward, torch's own clipping."""
 
     name = "local"
+    # the loop may skip a step whose gradient norm is NaN/inf (args.nonfinite_steps); needs the norm before step
+    can_skip_steps = True
     sharded = False  # weights / optimizer state split over ranks: saves and loads are collective
 
     def __init__(self, device: torch.device, mixed_precision: str = "no"):

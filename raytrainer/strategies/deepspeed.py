@@ -114,6 +114,7 @@ def zero_stage(args) -> int:
 
 
 class DeepSpeedStrategy(Strategy):
+    can_skip_steps = False  # DeepSpeed computes the norm inside engine.step(); its fp16 scaler skips overflows
     name = "deepspeed"
     sharded = True
 
