@@ -163,6 +163,8 @@ class TrainingArguments(transformers.TrainingArguments):
         check_field_types(self)  # fields set after construction, e.g. from a YAML file
         self._sync_after_mutation()
         self._check_names()
+        if self.storage_path and self.run_name is not None:
+            check_folder_name("run_name", self.run_name, "the run's folder under storage_path")
         _positive("per_device_train_batch_size", self.per_device_train_batch_size)
         _positive("per_device_eval_batch_size", self.per_device_eval_batch_size)
         _positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
@@ -340,6 +342,13 @@ def _short_repr(value) -> str:
 
 def _value(x):
     return getattr(x, "value", x)
+
+
+def check_folder_name(name: str, value, what: str) -> None:
+    """A name that becomes one folder under a storage root must not lead out of it (`../x`, `a/b`, `/abs`)."""
+    text = str(value)
+    if not text.strip() or text in (".", "..") or any(sep in text for sep in ("/", "\\", "\x00")):
+        raise ValueError(f"{name}={value!r} names {what}: use one folder name, without '/', '\\' or '..'.")
 
 
 def _positive(name: str, value) -> None:

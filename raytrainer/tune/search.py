@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 
+from ..args import check_folder_name
 from ..crossing import TrainerBlueprint
 from .objective import best_run, direction_to_mode
 from .schedulers import build_scheduler, is_pbt
@@ -49,6 +50,7 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     perturbation_interval = kwargs.pop("perturbation_interval", None)
     if kwargs:
         raise TypeError(f"hyperparameter_search() got unexpected keyword arguments {sorted(kwargs)}")
+    check_folder_name("name", name, "the sweep's folder under storage_path")
     if os.environ.get("RAY_SCOPE", "last") not in SCOPES:
         raise ValueError(f"RAY_SCOPE={os.environ['RAY_SCOPE']!r}: use one of {', '.join(SCOPES)} (Tune's "
                          "get_best_trial scopes; transformers reads the same variable).")

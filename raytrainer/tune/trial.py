@@ -17,6 +17,7 @@ import threading
 
 from transformers import TrainerCallback
 
+from ..args import check_folder_name
 from .objective import default_objective
 from .validate import split_params
 
@@ -55,6 +56,7 @@ def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name
 
     context = tune.get_context()
     trial_name = hp_name(config) if hp_name is not None else context.get_trial_name()
+    check_folder_name("hp_name(trial)", trial_name, "the trial's folder under the sweep's")
     overrides, _ = split_params(config, blueprint.ctor["args"])
     base_args = blueprint.ctor["args"]
     if "://" in storage_path:  # the trial stages in output_dir; its run folder is in the bucket

@@ -95,3 +95,16 @@ def test_malformed_datasets_give_a_clear_error(tmp_path, rows):
     with pytest.raises((ValueError, TypeError)) as caught:
         trainer.train()
     assert "train_dataset" in str(caught.value), caught.value
+
+
+@pytest.mark.parametrize("run_name", ["../outside", "a/b", "..", "/abs"])
+def test_a_run_name_cannot_lead_out_of_the_storage_root(tmp_path, run_name):
+    with pytest.raises(ValueError, match="run_name=.*one folder name"):
+        raytrainer.TrainingArguments(output_dir=str(tmp_path), storage_path=str(tmp_path / "store"), run_name=run_name)
+
+
+def test_a_sweep_name_cannot_lead_out_of_the_storage_root(tmp_path):
+    args = raytrainer.TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    trainer = raytrainer.Trainer(model_init=lambda trial=None: tiny_gpt2(), args=args, train_dataset=lm_examples(8))
+    with pytest.raises(ValueError, match="name='../x'.*one folder name"):
+        trainer.hyperparameter_search(hp_space={}, n_trials=1, name="../x")
