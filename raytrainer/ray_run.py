@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 
 from . import storage
 from .checkpoint.layout import TRAINER_STATE, checkpoint_step
@@ -94,6 +95,9 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
     with DriverStream(trainer) as stream:
         spec.events = stream.box
         _fit(args, worker_main, spec, name, base, fs, datasets)
+    if any(p.is_meta for p in trainer.model.parameters()):
+        # the driver held a skeleton while the workers trained (call_model_init): now the trained model
+        trainer.model = transformers.Trainer.call_model_init(trainer, trial)
     output = load_results(trainer, fs, run_dir)
     if stream.final_state is not None:
         apply_final_state(trainer, stream.final_state)
@@ -109,7 +113,10 @@ def run_eval_on_ray(trainer, method: str, dataset, ignore_keys, metric_key_prefi
     storage_path, name = storage_location(args)
     name = f"{name}_{method}"  # its own Ray run: the training run's checkpoint state stays untouched
     fs, base, run_dir = _storage_for(args, storage_path, name)
-    blueprint = _blueprint(trainer, train_dataset=None, model=trainer.model, model_init=None)
+    if any(p.is_meta for p in trainer.model.parameters()):  # a skeleton (Trainer.call_model_init): workers build it
+        blueprint = _blueprint(trainer, train_dataset=None, model=None)
+    else:
+        blueprint = _blueprint(trainer, train_dataset=None, model=trainer.model, model_init=None)
     spec = _spec(trainer, blueprint, fs, run_dir, name, resume=None, resume_in_storage=False,
                  dataset_rows=None, datasets={})
     spec.eval_call = (method, dataset, ignore_keys, metric_key_prefix)

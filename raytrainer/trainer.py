@@ -455,6 +455,27 @@ class Trainer(transformers.Trainer):
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
+    # ------------------------------------------------------------------ sharded models: a skeleton on the driver
+    def call_model_init(self, trial=None):
+        """Under fsdp / deepspeed with Ray workers the driver builds model_init's model on the meta device:
+        a skeleton (names, shapes, config) for the driver's checks; each worker builds the real model."""
+        if self._skeleton_on_driver():
+            with torch.device("meta"):
+                return super().call_model_init(trial)
+        return super().call_model_init(trial)
+
+    def _skeleton_on_driver(self) -> bool:
+        import torch.distributed as dist
+
+        args = self.args
+        return args.num_workers > 0 and args.strategy in ("fsdp", "deepspeed") and not self._in_worker and \
+            not (dist.is_available() and dist.is_initialized())
+
+    def _move_model_to_device(self, model, device):
+        if any(p.is_meta for p in model.parameters()):
+            return  # a skeleton (see call_model_init): nothing to move
+        super()._move_model_to_device(model, device)
+
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
         # transformers pickled self.args (hub_token, an S3 filesystem's keys) into training_args.bin

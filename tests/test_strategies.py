@@ -72,13 +72,28 @@ def run(request, ray_cluster, tmp_path_factory):
     trainer.name, trainer.files4, trainer.resumed = name, files4, None
     if name == "ddp":  # DDP's resume is tested in test_ray_train.py (S3, another worker count, a killed worker)
         return trainer
-    resumed = raytrainer.Trainer(model=tiny_gpt2(dropout=0.0, seed=7),
+    # the resumed run builds its model with model_init: the driver holds only a meta skeleton meanwhile
+    record = tmp_path_factory.mktemp(name + "_init") / "model_init.log"
+    resumed = raytrainer.Trainer(model_init=RecordingInit(str(record)),
                                  args=strategy_args(tmp_path_factory.mktemp(name + "_resume") / "run",
                                                     **STRATEGIES[name]),
                                  train_dataset=lm_examples(N_EXAMPLES))
     resumed.train(resume_from_checkpoint=ckpt4)
-    trainer.resumed = resumed
+    trainer.resumed, trainer.init_record = resumed, record.read_text().split()
     return trainer
+
+
+class RecordingInit:
+    """model_init that appends "<pid>:<device of its parameters>" to a file wherever it runs."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, trial=None):
+        model = tiny_gpt2(dropout=0.0, seed=7)
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}:{next(model.parameters()).device.type}\n")
+        return model
 
 
 @pytest.mark.ray
@@ -160,3 +175,19 @@ def test_strategy_field_conflicts_fail_at_construction(tmp_path):
     with pytest.raises(ValueError, match="load_best_model_at_end"):
         strategy_args(tmp_path, strategy="fsdp", load_best_model_at_end=True, eval_strategy="steps",
                       save_strategy="steps", eval_steps=4)
+
+
+@pytest.mark.ray
+def test_the_driver_builds_only_a_meta_skeleton_of_a_sharded_model(run):
+    """model_init with fsdp / ZeRO: real parameters only on the workers while they train; the driver's
+    one real build is the trained model it receives at the end."""
+    if run.resumed is None:
+        pytest.skip("DDP: the driver builds the model (it is not sharded)")
+    driver = str(os.getpid())
+    calls = [line.split(":") for line in run.init_record]
+    assert [device for pid, device in calls if pid == driver][:1] == ["meta"], calls
+    workers = [(pid, device) for pid, device in calls if pid != driver]
+    assert len({pid for pid, _ in workers}) == 2 and {device for _, device in workers} == {"cpu"}, calls
+    assert calls[-1] == [driver, "cpu"]  # after the workers finished: the trained weights, loaded on the driver
+    assert [pid for pid, device in calls if pid == driver and device == "cpu"] == [driver]
+    assert not any(p.is_meta for p in run.resumed.model.parameters())
