@@ -275,6 +275,10 @@ class TrainingArguments(transformers.TrainingArguments):
             for field_name in REFUSED
             for name, value in self._refused_settings(field_name)
         ]
+        if self.enable_jit_checkpoint and self.num_workers > 0:
+            problems.append("enable_jit_checkpoint=True with num_workers >= 1 is not supported by raytrainer yet: Ray "
+                            "stops and restarts the workers itself; checkpoint with save_steps and set max_failures "
+                            "(a restarted run resumes from the latest checkpoint).")
         if self.auto_find_batch_size and self.num_workers > 1:
             # an out-of-memory error on one rank would leave the others waiting in a collective
             problems.append(f"auto_find_batch_size=True with num_workers={self.num_workers} is not supported by "

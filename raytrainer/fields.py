@@ -180,6 +180,8 @@ HONOURED: dict[str, str] = {
     "storage_filesystem": _STORAGE,
     "max_failures": "Ray `FailureConfig(max_failures)`: restarts resume from the latest checkpoint",
     "save_in_background": "checkpoint/writer.py: in-process checkpoints are written by a thread",
+    "enable_jit_checkpoint": ("in-process: transformers' SIGTERM handler saves checkpoint-<step> at the next step "
+                              "boundary and stops; refused with num_workers >= 1 (use max_failures)"),
     "nonfinite_steps": "loop.py: a step with a NaN/inf gradient norm is skipped (counted), stops the run, or is applied",
 }
 
@@ -206,8 +208,4 @@ REFUSED: dict[str, str] = {
         'tensor/context/sequence parallelism is not in raytrainer yet: use strategy="ddp", "fsdp" or "deepspeed"'
     ),
     "dataloader_in_order": "training batches always come in order (exact resume relies on it); remove the setting",
-    "enable_jit_checkpoint": (
-        "checkpoint with save_strategy/save_steps and set max_failures: Ray stops and restarts workers itself, "
-        "from the latest checkpoint (transformers' JIT checkpoint is a SIGTERM handler in the training process)"
-    ),
 }
