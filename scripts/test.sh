@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install (idempotent), then run the whole test suite (unit, Ray, Tune, S3/MLflow e2e). ~13 min on 2 cores.
+# Install (idempotent), then run the whole test suite (unit, Ray, Tune, S3/MLflow e2e). ~25 min on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
