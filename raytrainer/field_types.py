@@ -100,12 +100,8 @@ def _fit(value, hint) -> tuple[bool, Any]:
         return True, value
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        members = typing.get_args(hint)
-        enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
-        if enums and isinstance(value, str) and not isinstance(value, enum.Enum):
-            # "IntervalStrategy | str": the string must be one of the enum's values
-            return any(value in {e.value for e in cls} for cls in enums), value
-        for member in members:
+        # ("IntervalStrategy | str" with a string outside the enum was refused by _check_enum_string)
+        for member in typing.get_args(hint):
             fits, coerced = _fit(value, member)
             if fits:
                 return True, coerced

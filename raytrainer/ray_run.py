@@ -35,6 +35,7 @@ from .checkpoint.layout import TRAINER_STATE, checkpoint_step
 from .checkpoint.retention import checkpoints_to_delete
 from .crossing import TrainerBlueprint, apply_final_state, final_state
 from .data.checks import check_train_dataset
+from .data.ray_data import is_ray_dataset
 from .event_stream import DriverStream, StreamToDriver
 
 logger = logging.getLogger("raytrainer")
@@ -70,7 +71,7 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
     args = trainer.args
     storage_path, name = storage_location(args)
     fs, base, run_dir = _storage_for(args, storage_path, name)
-    datasets = {k: v for k, v in (("train", trainer.train_dataset),) if _is_ray_dataset(v)}
+    datasets = {k: v for k, v in (("train", trainer.train_dataset),) if is_ray_dataset(v)}
     check_train_dataset(trainer)
     resume_in_storage = False
     if isinstance(resume, str) and "://" in resume:  # e.g. s3://bucket/run/checkpoint-8
@@ -275,15 +276,6 @@ def check_picklable(kwargs: dict) -> None:
                 "instead (model_init=..., a dataset built from files, a module-level function), or create the "
                 "object inside the function."
             ) from e
-
-
-def _is_ray_dataset(obj) -> bool:
-    try:
-        import ray.data
-
-        return isinstance(obj, ray.data.Dataset)
-    except ImportError:
-        return False
 
 
 def original_exception(error: BaseException) -> BaseException:

@@ -35,6 +35,7 @@ from .checkpoint import CheckpointWriter, Snapshot, latest_checkpoint
 from .checkpoint.writer import state_to_json, to_cpu
 from .loop import TrainingLoop, world_info
 from .redact import save_args_without_secrets
+from .data.ray_data import is_ray_dataset
 from .strategies.base import is_lomo
 
 logger = logging.getLogger("raytrainer")
@@ -90,7 +91,7 @@ class Trainer(transformers.Trainer):
         self._unfinished_saves: list[PendingSave] = []  # taken, on_save not fired yet (see _finish_saves)
         self._last_metrics: dict = {}  # the latest logged values, sent with each Ray checkpoint report
         # transformers asks a dataset without __len__ for max_steps; a Ray Dataset's length is counted later
-        ray_data = _is_ray_dataset(train_dataset)
+        ray_data = is_ray_dataset(train_dataset)
         # transformers' __init__ refuses fsdp outside a distributed launch ("only works in distributed
         # training"): the driver is not one; strategies/fsdp.py shards on the workers
         fsdp, args.fsdp = args.fsdp, None
@@ -142,7 +143,7 @@ class Trainer(transformers.Trainer):
             elif resume is not None and "://" not in resume:  # a storage URI is opened by run_on_ray
                 resume = self._resolve_resume(resume)
             return run_on_ray(self, resume, trial, ignore_keys_for_eval)
-        if _is_ray_dataset(self.train_dataset):
+        if is_ray_dataset(self.train_dataset):
             raise ValueError("train_dataset is a ray.data.Dataset: set num_workers >= 1 so Ray Train shards it.")
         if not self._in_worker:
             from .data.checks import check_train_dataset
@@ -627,14 +628,6 @@ def _shared_keys(state: dict) -> dict:
             else:
                 seen[ident] = key
     return aliases
-
-
-def _is_ray_dataset(obj) -> bool:
-    try:
-        import ray.data
-    except ImportError:
-        return False
-    return isinstance(obj, ray.data.Dataset)
 
 
 def _rng_state() -> dict:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
+from .ray_data import is_ray_dataset
+
 SAMPLE_ROWS = 8
 LABEL_COLUMNS = {"label", "labels", "label_ids"}
 
@@ -20,7 +22,7 @@ def check_train_dataset(trainer) -> None:
     model, dataset = trainer.model, trainer.train_dataset
     if dataset is None:
         return
-    if _is_ray_dataset(dataset):
+    if is_ray_dataset(dataset):
         _check_columns(model, set(dataset.schema().names), trainer.data_collator)
         return
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
@@ -107,10 +109,3 @@ def _is_default_collator(collator) -> bool:
 
     return collator is None or collator is default_data_collator or isinstance(collator, DataCollatorWithPadding)
 
-
-def _is_ray_dataset(obj) -> bool:
-    try:
-        import ray.data
-    except ImportError:
-        return False
-    return isinstance(obj, ray.data.Dataset)
