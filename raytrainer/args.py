@@ -33,6 +33,7 @@ from .field_types import check_field_types
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 NONFINITE_STEPS = ("skip", "stop", "apply")
+EVALUATE_ON = ("auto", "driver", "workers")
 SCHEDULERS = tuple(s.value for s in transformers.SchedulerType)
 OPTIMIZERS = tuple(o.value for o in OptimizerNames)
 
@@ -68,6 +69,11 @@ class TrainingArguments(transformers.TrainingArguments):
     nonfinite_steps: str = field(
         default="skip", metadata={"help": "A step whose gradient norm is NaN/inf: skip (no update, counted in the "
                                           "logs) | stop (FloatingPointError naming the step) | apply (transformers)."}
+    )
+    evaluate_on: str = field(
+        default="auto", metadata={"help": "Where evaluate()/predict() run with num_workers >= 1: auto (this process "
+                                          "after train() when it holds the trained model, else workers) | driver | "
+                                          "workers (a worker group of num_workers shards the data)."}
     )
 
     def __post_init__(self):
@@ -141,6 +147,8 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"nonfinite_steps={self.nonfinite_steps!r} is unknown; use one of {', '.join(NONFINITE_STEPS)}.")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}.")
+        if self.evaluate_on not in EVALUATE_ON:
+            raise ValueError(f"evaluate_on={self.evaluate_on!r} is unknown; use one of {', '.join(EVALUATE_ON)}.")
 
     def _sync_after_mutation(self) -> None:
         # transformers 5 reads activation_checkpointing*; gradient_checkpointing* are its older mirrors

@@ -182,6 +182,7 @@ HONOURED: dict[str, str] = {
     "save_in_background": "checkpoint/writer.py: in-process checkpoints are written by a thread",
     "enable_jit_checkpoint": ("in-process: transformers' SIGTERM handler saves checkpoint-<step> at the next step "
                               "boundary and stops; refused with num_workers >= 1 (use max_failures)"),
+    "evaluate_on": "trainer.py: evaluate/predict in this process after a Ray train() (auto), or on a worker group",
     "nonfinite_steps": "loop.py: a step with a NaN/inf gradient norm is skipped (counted), stops the run, or is applied",
 }
 

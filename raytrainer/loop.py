@@ -31,6 +31,7 @@ from transformers.trainer_pt_utils import get_model_param_count
 from transformers.trainer_utils import seed_worker
 from transformers.utils import logging as hf_logging
 
+from .checkpoint.pickle_check import check_checkpoint_pickles
 from .data import ResumableBatchSampler
 from .data.ray_data import RayShard, RayShardLoader
 from .strategies import build_strategy
@@ -204,6 +205,7 @@ class TrainingLoop:
         t.create_scheduler(num_training_steps=max_steps, optimizer=t.optimizer)
         t.model_wrapped = model
         if resume_from_checkpoint is not None:
+            check_checkpoint_pickles(resume_from_checkpoint)  # DeepSpeed / DCP would unpickle them unchecked
             strategy.load_checkpoint(t, resume_from_checkpoint)  # optimizer, scheduler (and sharded state)
             scaler_file = os.path.join(resume_from_checkpoint, "scaler.pt")
             if os.path.isfile(scaler_file):

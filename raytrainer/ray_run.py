@@ -85,6 +85,8 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
                 "train without resuming first, or pass a checkpoint path."
             )
         resume_in_storage = True
+    if resume_in_storage:  # a local resume path was checked by Trainer._resolve_resume
+        check_state_in_storage(fs, resume)
 
     overrides = {"train_dataset": None} if datasets else {}
     if trainer.model_init is not None:
@@ -196,6 +198,8 @@ def _fit(args, entry, spec, name, base, fs, datasets):
             failure_config=FailureConfig(max_failures=args.max_failures),
             # Ray keeps every checkpoint; rank 0 rotates them as transformers does (newest N plus the best)
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            # each worker imports torch/transformers/raytrainer in a thread from its first moment (warmup.py)
+            worker_runtime_env={"worker_process_setup_hook": "raytrainer.warmup.start_background_imports"},
         ),
         datasets=datasets or None,
         dataset_config=data_config,
@@ -214,6 +218,16 @@ def storage_location(args) -> tuple[str, str]:
         return args.storage_path.rstrip("/"), name
     out = os.path.abspath(args.output_dir)
     return os.path.dirname(out), os.path.basename(out)
+
+
+def check_state_in_storage(fs, checkpoint: str) -> None:
+    from .checkpoint.state_check import check_trainer_state_text
+
+    path = f"{checkpoint}/{TRAINER_STATE}"
+    if fs.get_file_info(path).type.name != "File":
+        raise ValueError(f"{checkpoint}: no {TRAINER_STATE}, so not a complete checkpoint; resume from another one.")
+    with fs.open_input_stream(path) as f:
+        check_trainer_state_text(f.read().decode("utf-8", errors="replace"), path)
 
 
 def latest_checkpoint_in(fs, run_dir: str) -> str | None:

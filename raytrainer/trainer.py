@@ -32,11 +32,15 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from .args import TrainingArguments
 from .checkpoint import CheckpointWriter, Snapshot, latest_checkpoint
+from .checkpoint.state_check import check_checkpoint_state
 from .checkpoint.writer import state_to_json, to_cpu
 from .loop import TrainingLoop, world_info
 from .redact import save_args_without_secrets
 from .data.ray_data import is_ray_dataset
 from .strategies.base import is_lomo
+from .warmup import skip_unused_deepspeed_import
+
+skip_unused_deepspeed_import()  # ~1 s off every process's first Trainer() when DeepSpeed is installed (warmup.py)
 
 logger = logging.getLogger("raytrainer")
 RUN_META = "raytrainer_run.pt"  # world size and global batch of the run that wrote a checkpoint
@@ -79,6 +83,7 @@ class Trainer(transformers.Trainer):
         set_before = set(self.__dict__)  # a subclass may set attributes before calling us: those are its own
         self._user_optimizers = optimizers != (None, None)
         self._in_worker = False
+        self._trained_on_ray = False  # set by a Ray train(): evaluate_on="auto" evaluates here afterwards
         self._ray = None  # a ray_run.WorkerRun inside a Ray worker
         self._resume_requested_latest = False
         self._fit_id = None  # set inside Ray workers: which fit() wrote a checkpoint
@@ -142,7 +147,9 @@ class Trainer(transformers.Trainer):
                 resume = None
             elif resume is not None and "://" not in resume:  # a storage URI is opened by run_on_ray
                 resume = self._resolve_resume(resume)
-            return run_on_ray(self, resume, trial, ignore_keys_for_eval)
+            output = run_on_ray(self, resume, trial, ignore_keys_for_eval)
+            self._trained_on_ray = True  # evaluate_on="auto": evaluate these weights here
+            return output
         if is_ray_dataset(self.train_dataset):
             raise ValueError("train_dataset is a ray.data.Dataset: set num_workers >= 1 so Ray Train shards it.")
         if not self._in_worker:
@@ -154,10 +161,10 @@ class Trainer(transformers.Trainer):
 
     # ------------------------------------------------------------------ evaluate / predict
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        if self.args.num_workers > 0 and not self._in_worker:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self._evaluate_on_workers(dataset):
             from .ray_run import run_eval_on_ray
 
-            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
             if dataset is None:
                 raise ValueError("Trainer: evaluation requires an eval_dataset.")
             metrics = run_eval_on_ray(self, "evaluate", dataset, ignore_keys, metric_key_prefix)
@@ -169,7 +176,7 @@ class Trainer(transformers.Trainer):
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
-        if self.args.num_workers > 0 and not self._in_worker:
+        if self._evaluate_on_workers(test_dataset):
             from .ray_run import run_eval_on_ray
 
             output = run_eval_on_ray(self, "predict", test_dataset, ignore_keys, metric_key_prefix)
@@ -177,6 +184,30 @@ class Trainer(transformers.Trainer):
                 self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
             return output
         return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def _evaluate_on_workers(self, dataset) -> bool:
+        """evaluate_on: after a Ray train() the driver holds the trained weights, and evaluating them here
+        costs no second worker-group start (~15 s for a tiny model). Workers when this process cannot
+        hold or run the model the way they do: a sharded strategy's skeleton, GPU workers but no GPU here,
+        or a Ray Dataset (streamed to workers only)."""
+        args = self.args
+        if args.num_workers == 0 or self._in_worker:
+            return False
+        if args.evaluate_on == "workers":
+            return True
+        reasons = []
+        if args.strategy != "ddp" or any(p.is_meta for p in self.model.parameters()):
+            reasons.append(f'strategy={args.strategy!r} shards the model over the workers')
+        if args.use_gpu and not torch.cuda.is_available():
+            reasons.append("use_gpu=True but this process has no GPU")
+        if is_ray_dataset(dataset):
+            reasons.append("the dataset is a ray.data.Dataset, streamed to workers only")
+        if args.evaluate_on == "driver" and reasons:
+            raise ValueError(f'evaluate_on="driver" cannot run here: {"; ".join(reasons)}. '
+                             'Use evaluate_on="workers" (or "auto").')
+        if args.evaluate_on == "driver":
+            return False
+        return bool(reasons) or not self._trained_on_ray
 
     @contextlib.contextmanager
     def _display_callbacks_only(self):
@@ -260,10 +291,11 @@ class Trainer(transformers.Trainer):
                     f"resume_from_checkpoint=True: no complete checkpoint in output_dir={self.args.output_dir!r}; "
                     "train without resuming first, or pass the path of a checkpoint-<step> folder."
                 )
-            return found
+            resume_from_checkpoint = found
         if not os.path.isdir(resume_from_checkpoint):
             # transformers' own message (its _load_from_checkpoint), so code that matches on it keeps working
             raise ValueError(f"Can't find a valid checkpoint at {resume_from_checkpoint}")
+        check_checkpoint_state(resume_from_checkpoint)  # a malformed trainer_state.json is named here
         return resume_from_checkpoint
 
     def _inner_training_loop(self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None,

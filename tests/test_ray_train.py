@@ -125,16 +125,45 @@ def test_distributed_predict_and_evaluate_gather_every_sample_once(ddp_run, tmp_
     local = raytrainer.Trainer(model=ddp_run.model, args=ray_args(tmp_path / "local", 0, 4,
                                                                   per_device_eval_batch_size=4))
     expected = local.predict(rows)
-    got = ddp_run.predict(rows)
+    ddp_run.args.evaluate_on = "workers"  # after train() "auto" would evaluate on the driver (next test)
+    try:
+        got = ddp_run.predict(rows)
+        metrics = ddp_run.evaluate(eval_dataset=rows)
+    finally:
+        ddp_run.args.evaluate_on = "auto"
     assert got.predictions.shape == expected.predictions.shape == (13, 8, 128)
     torch.testing.assert_close(torch.as_tensor(got.predictions), torch.as_tensor(expected.predictions),
                                rtol=1e-5, atol=1e-5)
     assert (got.label_ids == expected.label_ids).all()
-    metrics = ddp_run.evaluate(eval_dataset=rows)
-    # transformers' eval_loss is a mean of per-batch means; the padded last batch (repeated rows, dropped
+    # transformers' loss is a mean of per-batch means; the padded last batch (repeated rows, dropped
     # from the predictions by the gather) still weighs its mean: equal to ~1e-3, as in transformers' DDP
+    assert abs(got.metrics["test_loss"] - expected.metrics["test_loss"]) < 5e-3
     assert abs(metrics["eval_loss"] - expected.metrics["test_loss"]) < 5e-3
+    assert ddp_run.state.log_history[-1]["eval_loss"] == metrics["eval_loss"]  # logged on the driver too
+
+
+def test_evaluate_after_train_runs_on_the_driver_without_a_worker_group(ddp_run, tmp_path):
+    """evaluate_on="auto": after a Ray train() the driver holds the trained weights; evaluate()/predict()
+    run here (transformers' in-process results, bit for bit) and start no second Ray run."""
+    rows = lm_examples(13, seed=5)
+    local = raytrainer.Trainer(model=ddp_run.model, args=ray_args(tmp_path / "local", 0, 2))  # the same eval args
+    runs_before = set(os.listdir(os.path.dirname(ddp_run.args.output_dir)))
+    metrics = ddp_run.evaluate(eval_dataset=rows)
+    predicted = ddp_run.predict(rows)
+    assert set(os.listdir(os.path.dirname(ddp_run.args.output_dir))) == runs_before  # no "<run>_evaluate" run
+    expected = local.evaluate(eval_dataset=rows)
+    assert metrics["eval_loss"] == expected["eval_loss"]
+    assert torch.equal(torch.as_tensor(predicted.predictions), torch.as_tensor(local.predict(rows).predictions))
     assert ddp_run.state.log_history[-1]["eval_loss"] == metrics["eval_loss"]
+
+
+def test_evaluate_on_driver_refuses_a_sharded_model(tmp_path):
+    args = ray_args(tmp_path / "run", 2, 2, evaluate_on="driver", strategy="fsdp")
+    trainer = raytrainer.Trainer(model=tiny_gpt2(), args=args)
+    with pytest.raises(ValueError, match='evaluate_on="driver" cannot run here: strategy=.fsdp. shards'):
+        trainer.evaluate(lm_examples(4))
+    with pytest.raises(ValueError, match="evaluate_on='worker' is unknown"):
+        ray_args(tmp_path / "run", 2, 2, evaluate_on="worker")
 
 
 def test_killed_worker_restarts_and_matches_uninterrupted(ray_cluster, ddp_run, tmp_path):
