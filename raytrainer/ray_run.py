@@ -87,6 +87,9 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
         resume_in_storage = True
     if resume_in_storage:  # a local resume path was checked by Trainer._resolve_resume
         check_state_in_storage(fs, resume)
+    from .strategies import check_resume
+
+    check_resume(args, resume, fs if resume_in_storage else None)  # e.g. ZeRO state of another worker count
 
     overrides = {"train_dataset": None} if datasets else {}
     if trainer.model_init is not None:
@@ -198,8 +201,6 @@ def _fit(args, entry, spec, name, base, fs, datasets):
             failure_config=FailureConfig(max_failures=args.max_failures),
             # Ray keeps every checkpoint; rank 0 rotates them as transformers does (newest N plus the best)
             checkpoint_config=CheckpointConfig(num_to_keep=None),
-            # each worker imports torch/transformers/raytrainer in a thread from its first moment (warmup.py)
-            worker_runtime_env={"worker_process_setup_hook": "raytrainer.warmup.start_background_imports"},
         ),
         datasets=datasets or None,
         dataset_config=data_config,
@@ -364,8 +365,8 @@ def worker_main(config):
     trainer = _build_worker_trainer(spec)
     rank = dist.get_rank()
     if rank == 0:
-        logger.warning("raytrainer: worker 0 started %.1f s after fit(); Trainer built in %.1f s",
-                       entered - spec.submitted_at, time.time() - entered)
+        logger.info("raytrainer: worker 0 entered the train function %.1f s after fit(); Trainer built in %.1f s",
+                    entered - spec.submitted_at, time.time() - entered)
     trainer._fit_id = spec.fit_id
     resume = None
     restored = ray.train.get_checkpoint()

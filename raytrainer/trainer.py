@@ -38,9 +38,9 @@ from .loop import TrainingLoop, world_info
 from .redact import save_args_without_secrets
 from .data.ray_data import is_ray_dataset
 from .strategies.base import is_lomo
-from .warmup import skip_unused_deepspeed_import
+from .fast_start import skip_unused_deepspeed_import
 
-skip_unused_deepspeed_import()  # ~1 s off every process's first Trainer() when DeepSpeed is installed (warmup.py)
+skip_unused_deepspeed_import()  # ~1 s off every process's first Trainer() when DeepSpeed is installed
 
 logger = logging.getLogger("raytrainer")
 RUN_META = "raytrainer_run.pt"  # world size and global batch of the run that wrote a checkpoint

@@ -72,10 +72,22 @@ def check_strategy(args, model=None) -> None:
         deepspeed_config(args, max(1, args.num_workers))
 
 
+def check_resume(args, checkpoint: str | None, fs=None) -> None:
+    """Driver-side, before any worker starts: can `num_workers` workers load `checkpoint`'s sharded state?
+    FSDP's DCP state reshards to any worker count; DeepSpeed ZeRO's partitioned optimizer state does not.
+    `checkpoint` is a path inside the pyarrow filesystem `fs`, or a local path when fs is None."""
+    if checkpoint is None or args.strategy != "deepspeed":
+        return
+    from .deepspeed import check_checkpoint_world_size
+
+    check_checkpoint_world_size(args, checkpoint, max(1, args.num_workers), fs)
+
+
 def _pretrained_model_cls():
     from transformers import PreTrainedModel
 
     return PreTrainedModel
 
 
-__all__ = ["Strategy", "DDPStrategy", "DataParallelStrategy", "build_strategy", "check_strategy", "ddp_kwargs"]
+__all__ = ["Strategy", "DDPStrategy", "DataParallelStrategy", "build_strategy", "check_strategy", "check_resume",
+           "ddp_kwargs"]

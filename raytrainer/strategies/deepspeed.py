@@ -28,7 +28,16 @@ optimizer DeepSpeed steps, unless the config has a "scheduler" (then the engine 
 
 Checkpoints: `engine.save_checkpoint(folder, tag="global_step<N>")` by every rank (each writes its
 optimizer partitions), plus the consolidated weights (ZeRO-3: gathered layer by layer on rank 0;
-ZeRO-0/1/2: rank 0's module) as `model.safetensors`.
+ZeRO-0/1/2: rank 0's module) as `model.safetensors`. A model with frozen parameters (PEFT/LoRA)
+saves only its trainable ones in DeepSpeed's state (`exclude_frozen_parameters`): the frozen base
+comes from the model itself on resume, and transformers' PEFT path writes the adapter files.
+
+Another worker count: ZeRO-1/2/3 partition the optimizer state over the data-parallel ranks, one
+`zero_pp_rank_<r>_..._optim_states.pt` per rank, and DeepSpeed cannot re-partition it on load
+(`ZeRORuntimeException`) unless the checkpoint was converted to its universal format
+(`deepspeed.checkpoint.ds_to_universal`, read with `"checkpoint": {"load_universal": true}`).
+`check_checkpoint_world_size` says so on the driver, before any worker starts (and again on the
+workers, for a checkpoint the driver could not see).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import glob
 import json
 import logging
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -107,6 +117,54 @@ def deepspeed_config(args, world_size: int, model=None, max_steps: int | None = 
         if str(offload).lower() == "cpu":
             config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
+
+
+# one optimizer partition per data-parallel rank (bf16_ prefix for ZeRO-1/2 with bf16)
+_PARTITION = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def checkpoint_world_size(folder: str, fs=None) -> tuple[int | None, str | None]:
+    """(data-parallel world size, tag) of the DeepSpeed state in `folder` (a pyarrow filesystem path, or a
+    local path when fs is None): the number of ranks with an optimizer partition in the tag `latest`
+    names. (None, tag) when the state is not partitioned (ZeRO-0) or absent."""
+    import pyarrow.fs as pafs
+
+    if fs is None:
+        fs, folder = pafs.LocalFileSystem(), os.path.abspath(folder)
+    folder = folder.rstrip("/")
+    tag = None
+    try:
+        with fs.open_input_stream(f"{folder}/latest") as f:
+            tag = f.read().decode().strip()
+    except (FileNotFoundError, OSError):
+        entries = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        tags = sorted(os.path.basename(e.path) for e in entries
+                      if e.type == pafs.FileType.Directory and os.path.basename(e.path).startswith("global_step"))
+        tag = tags[-1] if len(tags) == 1 else None
+    if not tag:
+        return None, None
+    files = fs.get_file_info(pafs.FileSelector(f"{folder}/{tag}", allow_not_found=True))
+    ranks = {int(m.group(1)) for e in files if (m := _PARTITION.match(os.path.basename(e.path)))}
+    return (len(ranks) or None), tag
+
+
+def check_checkpoint_world_size(args, folder: str, world_size: int, fs=None) -> None:
+    """ValueError when `folder`'s ZeRO optimizer partitions were written by another number of ranks."""
+    config = load_config(args.deepspeed)
+    if (config.get("checkpoint") or {}).get("load_universal"):
+        return  # DeepSpeed's universal format loads on any world size
+    saved, tag = checkpoint_world_size(folder, fs)
+    if saved is None or saved == world_size:
+        return
+    raise ValueError(
+        f"resume_from_checkpoint={folder}: its DeepSpeed ZeRO optimizer state is partitioned over {saved} "
+        f"data-parallel ranks ({saved} zero_pp_rank_*_optim_states.pt files in {tag}/) and this run has "
+        f"{world_size} (num_workers={args.num_workers}); DeepSpeed cannot re-partition it on load. Resume with "
+        f"num_workers={saved} (gradient_accumulation_steps keeps the global batch), or convert the checkpoint to "
+        f"DeepSpeed's universal format, `python -m deepspeed.checkpoint.ds_to_universal --input_folder "
+        f"{folder}/{tag} --output_folder {folder}/{tag}_universal --inject_missing_state`, and add "
+        '"checkpoint": {"load_universal": true} to the deepspeed config.'
+    )
 
 
 def zero_stage(args) -> int:
@@ -202,14 +260,21 @@ class DeepSpeedStrategy(Strategy):
         return None  # in global_step<N>/, one file per rank
 
     def save_sharded(self, model, optimizer, folder, step):
-        self.engine.save_checkpoint(folder, tag=f"global_step{step}")
+        # frozen weights (a PEFT model's base) are not state: the model rebuilds them on resume
+        self.engine.save_checkpoint(folder, tag=f"global_step{step}", exclude_frozen_parameters=self._frozen())
+
+    def _frozen(self) -> bool:
+        return any(not p.requires_grad for p in self.engine.module.parameters())
 
     def load_checkpoint(self, trainer, folder):
         if not glob.glob(os.path.join(folder, "global_step*")):
             logger.warning("raytrainer: %s has no DeepSpeed state (global_step*/): weights resumed, optimizer state "
                            "starts fresh", folder)
         else:
-            path, _ = self.engine.load_checkpoint(folder, load_module_strict=True, load_optimizer_states=True,
+            # the driver checked a checkpoint it could see; a restart or a storage path is checked here
+            check_checkpoint_world_size(self.args, folder, dist.get_world_size())
+            path, _ = self.engine.load_checkpoint(folder, load_module_strict=not self._frozen(),
+                                                  load_optimizer_states=True,
                                                   load_lr_scheduler_states=self.own_scheduler)
             if path is None:
                 raise ValueError(f"DeepSpeed could not resume from {folder}")

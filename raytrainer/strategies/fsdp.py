@@ -23,7 +23,10 @@ What it does:
   full_state_dict=True, cpu_offload=True)`), so `from_pretrained` and transformers' own resume read
   it. Not accelerate's folder names (`pytorch_model_fsdp_0/`, `optimizer_0/`): transformers' resume
   code refuses the first unless its own FSDP plugin is on, and looks for optimizer.pt next to the
-  second. `fsdp_config["state_dict_type"]` is accepted; both forms are always written.
+  second. `fsdp_config["state_dict_type"]` is accepted; both forms are always written. DCP reshards
+  on load, so a checkpoint resumes on another worker count (same global batch). A model with frozen
+  parameters (PEFT/LoRA) keeps only its trainable ones in `model_dcp/` (`ignore_frozen_params`): the
+  frozen base comes from the model itself, and transformers' PEFT path writes the adapter files.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ class FSDPStrategy(Strategy):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
         dcp.save({"model": model_state}, checkpoint_id=os.path.join(folder, MODEL_DIR))
         dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
 
@@ -159,11 +162,21 @@ class FSDPStrategy(Strategy):
         if not os.path.isdir(os.path.join(folder, OPTIMIZER_DIR)):
             # a checkpoint without sharded state (DDP's, transformers'): the weights are loaded already
             return Strategy.load_checkpoint(self, trainer, folder)
-        model_state, optim_state = get_state_dict(model, optimizer)
+        options = _options(model)
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        # DCP reads each tensor's slices from whichever files hold them: any worker count loads it
         dcp.load({"model": model_state}, checkpoint_id=os.path.join(folder, MODEL_DIR))
         dcp.load({"optimizer": optim_state}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
         _load_scheduler(trainer, folder)
+
+
+def _options(model):
+    """Frozen parameters (a PEFT model's base) are left out of the sharded state: the model rebuilds them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
 def _load_scheduler(trainer, folder: str) -> None:
