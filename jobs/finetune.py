@@ -954,7 +954,7 @@ def dry_run(job: JobConfig, found: dict) -> None:
 
 
 def _start_ray_if_needed(job: JobConfig, prepared_needs_ray: bool, tracking_env: dict) -> None:
-    """Start/join Ray with the tracking environment for the workers (before Ray Data reads)."""
+    """Start/join Ray with the environment for the workers (tracking, logs) before Ray Data reads."""
     args = job.training_args
     if args.num_workers == 0 and job.search is None and not prepared_needs_ray:
         return
@@ -963,13 +963,87 @@ def _start_ray_if_needed(job: JobConfig, prepared_needs_ray: bool, tracking_env:
     os.environ.update(tracking_env)  # a local Ray's workers inherit this process's environment
     kwargs = {}
     if os.environ.get("RAY_ADDRESS"):
-        if tracking_env:
-            kwargs["runtime_env"] = {"env_vars": dict(tracking_env)}
+        # under `ray job submit` Ray merges this with the job's runtime env and refuses a variable set in
+        # both: leave out what the job already gives the workers, and let ours win where it differs
+        job_vars = _job_env_vars()
+        env = {k: v for k, v in tracking_env.items() if job_vars.get(k) != v}
+        if env:
+            if set(env) & set(job_vars):
+                os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+            kwargs["runtime_env"] = {"env_vars": env}
     else:
         # Ray Data's read and tokenise tasks need CPUs beside the training workers' ones
         per = (args.resources_per_worker or {}).get("CPU", 1)
         kwargs["num_cpus"] = max(os.cpu_count() or 1, int(args.num_workers * per) + (2 if prepared_needs_ray else 0))
+    if not sys.stdout.isatty():
+        _no_colour()
     ensure_ray(**kwargs)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _no_colour() -> None:
+    """A job log is a file: Ray colours some lines whatever the output is (its "View the dashboard at"
+    log line, the "[repeated 3x across cluster]" of the worker lines it deduplicates); drop the codes."""
+    import logging
+
+    import ray  # noqa: F401 - its logger's handlers (holding the original stderr) are made on import
+
+    for handler in logging.getLogger("ray").handlers:
+        if not any(isinstance(f, _NoColour) for f in handler.filters):
+            handler.addFilter(_NoColour())
+    if not isinstance(sys.stdout, _PlainStream):
+        sys.stdout = _PlainStream(sys.stdout)  # Ray prints the workers' lines to the current sys.stdout/err
+    if not isinstance(sys.stderr, _PlainStream):
+        sys.stderr = _PlainStream(sys.stderr)
+
+
+class _NoColour:
+    """A logging filter that drops terminal colour codes from a record's message."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        if "\x1b[" in message:
+            record.msg, record.args = _ANSI.sub("", message), ()
+        return True
+
+
+class _PlainStream:
+    """A text stream that drops terminal colour codes from what is written to it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        return self._stream.write(_ANSI.sub("", text) if "\x1b[" in text else text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _job_env_vars() -> dict:
+    """The env_vars of the runtime env `ray job submit` gave this job (empty outside a job)."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return dict((config.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _plain_log_env() -> dict:
+    """stdout is a job log or a pipe: no tqdm redraws from Hugging Face's load/save bars ("Writing model
+    shards"), here and on the workers (whose output Ray forwards to this log). Returns the workers' env."""
+    if sys.stdout.isatty():
+        return {}
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the "(RayTrainWorker pid=...)" prefixes, uncoloured
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"):
+        return {}
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported (workers)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # this process imported it already
+    return {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def _pickle_by_value() -> None:
@@ -1002,7 +1076,7 @@ def run(job: JobConfig, found: dict) -> dict:
         mlflow_run = mlflow.start_run(run_name=args.run_name)
         if args.num_workers > 0:
             tracking_env = tracking.driver_env(out)  # the rank-0 worker logs into this run
-    elif _tracking_on(args):  # each trial logs its own run: into the same store
+    elif _tracking_on(args):  # hyperparameter_search opens the sweep's parent run; each trial a child run
         from raytrainer.tracking import mlflow as tracking
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -1012,7 +1086,7 @@ def run(job: JobConfig, found: dict) -> dict:
     needs_ray_data = args.num_workers > 0 and "train_file" in found["files"]
     if args.num_workers > 0 or job.search is not None:
         _pickle_by_value()
-    _start_ray_if_needed(job, needs_ray_data, tracking_env)
+    _start_ray_if_needed(job, needs_ray_data, {**tracking_env, **_plain_log_env()})
     prepared = prepare(job, found)
     trainer = raytrainer.Trainer(
         model_init=prepared.model_init, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
@@ -1022,6 +1096,10 @@ def run(job: JobConfig, found: dict) -> dict:
         from raytrainer.tracking.mlflow import use_safe_mlflow_callback
 
         use_safe_mlflow_callback(trainer)
+    if not sys.stdout.isatty():  # a job log or a pipe: plain progress lines, not tqdm's redraws
+        from raytrainer.tracking.progress import use_progress_lines
+
+        use_progress_lines(trainer)
 
     if job.search is not None:
         return run_search(job, trainer, out)
@@ -1055,8 +1133,9 @@ def _end_run(run_id: str) -> None:
 
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
-        mlflow.end_run()
-    mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
+        mlflow.end_run()  # sets FINISHED (and prints the run's URL once)
+    else:
+        mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
 
 
 def run_search(job: JobConfig, trainer, out: str) -> dict:
@@ -1078,9 +1157,16 @@ def run_search(job: JobConfig, trainer, out: str) -> dict:
     summary = {"best_trial": best.run_id, "objective": best.objective, "hyperparameters": best.hyperparameters,
                "best_checkpoint": best.run_summary, "plot": os.path.abspath(plot),
                "sweep": outputs(job)["sweep"], "trials": len(trainer.sweep_results)}
+    parent = getattr(trainer, "sweep_mlflow_run_id", None)  # report_to mlflow: the sweep's parent run
+    if parent:
+        from raytrainer.tracking.mlflow import log_final_artifacts, run_url
+
+        log_final_artifacts(parent, plot_path=plot)
+        summary["mlflow_run_id"] = parent
+        summary["mlflow_run"] = run_url(parent)
     print_summary(summary, [("best trial", "best_trial"), ("objective", "objective"),
                             ("hyperparameters", "hyperparameters"), ("best checkpoint", "best_checkpoint"),
-                            ("sweep folder", "sweep"), ("plot", "plot")])
+                            ("sweep folder", "sweep"), ("plot", "plot"), ("MLflow run", "mlflow_run")])
     return summary
 
 

@@ -50,7 +50,8 @@ class StreamToDriver(TrainerCallback):
 
     def _post(self, event, state, **kwargs):
         fields = {k: getattr(state, k, None) for k in STATE_FIELDS}
-        self.box.put.remote((event, fields, kwargs))
+        # when it happened on rank 0: the driver drains events in batches (progress speeds need the real time)
+        self.box.put.remote((event, fields, {**kwargs, "sent_at": time.time()}))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._post("on_train_begin", state)

@@ -8,6 +8,8 @@ transformers is slow or inexact:
 * data: a sampler whose order is a function of (seed, epoch); resume slices the order, it does not
   iterate skipped batches (a subclass's own get_train_dataloader / _get_train_sampler, and the
   group_by_length / batch_rebalance strategies, use transformers' dataloader and read past them);
+  checkpoints record the position in samples, so a resume with another global batch continues at the
+  same sample (resume_at_sample);
 * the strategy object owns the optimizer's creation, wrapping / sharding, backward, no_sync, clipping,
   the optimizer step and sharded checkpoint state (strategies/base.py);
 * checkpoints are snapshotted in memory and written atomically in the background (checkpoint/).
@@ -181,11 +183,14 @@ class TrainingLoop:
         train_dataloader, sampler = self.build_train_dataloader()
         (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples,
          total_train_batch_size, steps_in_epoch, max_steps) = t.set_initial_training_values(args, train_dataloader)
-        if resume_from_checkpoint is not None:
-            t._check_resume_batch(resume_from_checkpoint)
+        # another global batch: the checkpoint's data position in samples (None: its global_step places it)
+        position = None if resume_from_checkpoint is None else t._check_resume_batch(resume_from_checkpoint, sampler)
         epochs_trained, steps_trained_in_current_epoch = t._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
+        if position is not None:
+            epochs_trained, steps_trained_in_current_epoch, max_steps, num_train_epochs = self.resume_at_sample(
+                position, sampler, num_update_steps_per_epoch, num_train_epochs, max_steps)
 
         # --- model, optimizer, scheduler, under the strategy ---
         device = args.device
@@ -241,6 +246,45 @@ class TrainingLoop:
 
         t._finish_saves(block=True)  # every checkpoint complete, its on_save fired, rotation done
         return t._finalize_training(trial, num_train_samples, start_time)
+
+    def resume_at_sample(self, position, sampler, updates_per_epoch, num_train_epochs, max_steps):
+        """Resume with another global batch at the checkpoint's data position (epoch, samples trained).
+
+        The epoch order does not depend on the batch, so the run continues at that sample when the new
+        global batch divides it, else at the last boundary of the new batch before it (the samples in
+        between are trained twice: a warning counts them). global_step keeps counting optimizer steps;
+        the steps left are recomputed with the new batch: max_steps becomes global_step + the steps that
+        finish num_train_epochs (an explicit max_steps stays, and the epochs stretch to reach it).
+        Returns (epochs_trained, batches to skip, max_steps, num_train_epochs).
+        """
+        t, args = self.t, self.args
+        ga = args.gradient_accumulation_steps
+        global_batch = sampler.global_batch_size * ga  # samples per optimizer step
+        epoch, trained = position["epoch"], position["samples"]
+        start = 0 if args.ignore_data_skip else trained // global_batch * global_batch
+        done = start // global_batch  # optimizer steps of the new batch the epoch's start covers
+        step = t.state.global_step
+        if args.max_steps > 0:
+            left = max(args.max_steps - step, 0)
+            num_train_epochs = epoch + max(1, math.ceil((done + left) / updates_per_epoch))
+        else:
+            total = math.ceil(args.num_train_epochs * updates_per_epoch)  # a fresh run's steps with this batch
+            max_steps = step + max(total - epoch * updates_per_epoch - done, 0)
+        t.state.max_steps, t.state.num_train_epochs = max_steps, num_train_epochs
+        if self.rank == 0:
+            self.log_resume_at_sample(epoch, trained, start, global_batch, max_steps - step)
+        return epoch, done * ga, max_steps, num_train_epochs
+
+    def log_resume_at_sample(self, epoch, trained, start, global_batch, steps_left):
+        if start == trained:
+            logger.info("raytrainer: resuming with a global batch of %d at sample %d of epoch %d, where the "
+                        "checkpoint left it; %d optimizer steps left", global_batch, start, epoch, steps_left)
+            return
+        reason = "ignore_data_skip=True" if self.args.ignore_data_skip else \
+            f"{trained} is not a multiple of the new global batch {global_batch}"
+        logger.warning("raytrainer: the checkpoint trained %d samples of epoch %d; resuming at sample %d "
+                       "(%s): %d samples are seen twice; %d optimizer steps left",
+                       trained, epoch, start, reason, trained - start, steps_left)
 
     def apply_update(self, strategy, grad_norm) -> bool:
         """False for a step to skip: its gradient norm (the same on every rank: the gradients are already
@@ -365,6 +409,8 @@ class TrainingLoop:
                     strategy.zero_grad(model)
                     t.state.global_step += 1
                     t.state.epoch = epoch + (step + 1) / steps_in_epoch
+                    if isinstance(sampler, ResumableBatchSampler):
+                        sampler.mark_trained(epoch, step + 1)  # the data position a checkpoint now records
                     t.control = t.callback_handler.on_step_end(args, t.state, t.control)
                     t._maybe_log_save_evaluate(t._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval,
                                                start_time, learning_rate=learning_rate)

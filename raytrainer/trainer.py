@@ -43,7 +43,7 @@ from .fast_start import skip_unused_deepspeed_import
 skip_unused_deepspeed_import()  # ~1 s off every process's first Trainer() when DeepSpeed is installed
 
 logger = logging.getLogger("raytrainer")
-RUN_META = "raytrainer_run.pt"  # world size and global batch of the run that wrote a checkpoint
+RUN_META = "raytrainer_run.pt"  # world size, global batch and data position of the run that wrote a checkpoint
 # attributes transformers' Trainer sets after __init__ (while training or evaluating): never the user's
 LAZY_BASE_ATTRS = {
     "_signature_columns", "_trial", "_tr_loss", "_total_loss_scalar", "_globalstep_last_logged",
@@ -450,9 +450,7 @@ class Trainer(transformers.Trainer):
             snap.save_model_fn = lambda out_dir, state_dict: self._save(out_dir, state_dict=state_dict)
         if rank == 0:
             snap.trainer_state_json = state_to_json(self.state)
-            # the data position of a checkpoint is in optimizer steps of this global batch
-            snap.extra_files[RUN_META] = {"world_size": world, "global_batch_size": self._global_batch_size(),
-                                          "fit_id": self._fit_id}
+            snap.extra_files[RUN_META] = self._run_meta()
         if not self.args.save_only_model:
             if sharded:
                 # a collective save, in the foreground on every rank, into the folder the writer completes
@@ -561,22 +559,53 @@ class Trainer(transformers.Trainer):
         _, world = world_info()
         return self._train_batch_size * world * self.args.gradient_accumulation_steps
 
-    def _check_resume_batch(self, checkpoint_dir: str) -> None:
-        """Resuming with another num_workers keeps the data position only if the global batch is unchanged."""
+    def _run_meta(self) -> dict:
+        """raytrainer_run.pt: the world size and global batch of this run, and its data position in samples
+        when raytrainer's sampler placed the data (a resume with another global batch starts there)."""
+        from .data import ResumableBatchSampler
+
+        _, world = world_info()
+        meta = {"world_size": world, "global_batch_size": self._global_batch_size(), "fit_id": self._fit_id}
+        sampler = getattr(getattr(self.callback_handler, "train_dataloader", None), "batch_sampler", None)
+        if isinstance(sampler, ResumableBatchSampler) and sampler.trained is not None:
+            meta["data_position"] = dict(sampler.trained)
+        return meta
+
+    def _check_resume_batch(self, checkpoint_dir: str, sampler=None) -> dict | None:
+        """None when the checkpoint's position in optimizer steps holds for this run (same global batch, or
+        a checkpoint without RUN_META: transformers' rule). With another global batch: the checkpoint's
+        data position in samples, where this run's sampler resumes (loop.py); a ValueError when that
+        position is unknown or this run's data cannot be placed at a sample."""
+        from .data import ResumableBatchSampler
+
         meta_file = os.path.join(checkpoint_dir, RUN_META)
         if not os.path.isfile(meta_file):
-            return
+            return None
         meta = torch.load(meta_file, weights_only=True)
         now = self._global_batch_size()
-        if meta["global_batch_size"] != now:
-            _, world = world_info()
-            raise ValueError(
-                f"{checkpoint_dir} was trained with a global batch of {meta['global_batch_size']} "
-                f"({meta['world_size']} workers); this run's is {now} = per_device_train_batch_size "
-                f"{self._train_batch_size} x {world} workers x gradient_accumulation_steps "
-                f"{self.args.gradient_accumulation_steps}. Set per_device_train_batch_size or "
-                "gradient_accumulation_steps so the global batch is the same, then resume."
-            )
+        if meta["global_batch_size"] == now:
+            return None
+        position = meta.get("data_position")
+        if position is None:
+            why = ("it records no data position in samples (written by an older raytrainer, or its data was a "
+                   "Ray Dataset stream or a custom sampler / dataloader)")
+        elif not isinstance(sampler, ResumableBatchSampler):
+            why = ("this run's training data cannot be placed at a sample (a Ray Dataset stream, a subclass's "
+                   "get_train_dataloader / _get_train_sampler, or train_sampling_strategy='group_by_length')")
+        elif position["num_samples"] != sampler.num_samples:
+            why = (f"its epochs had {position['num_samples']} samples, this train_dataset has "
+                   f"{sampler.num_samples}")
+        else:
+            return position
+        _, world = world_info()
+        raise ValueError(
+            f"{checkpoint_dir} was trained with a global batch of {meta['global_batch_size']} "
+            f"({meta['world_size']} workers); this run's is {now} = per_device_train_batch_size "
+            f"{self._train_batch_size} x {world} workers x gradient_accumulation_steps "
+            f"{self.args.gradient_accumulation_steps}, and the resume cannot continue at the checkpoint's sample: "
+            f"{why}. Set per_device_train_batch_size or gradient_accumulation_steps so the global batch is "
+            "the same, then resume."
+        )
 
     def wait_for_checkpoints(self) -> None:
         """Block until every checkpoint taken so far is on disk (they are written in the background)."""

@@ -319,3 +319,153 @@ def start_mlflow(workdir: str | os.PathLike, timeout_s: float = 120.0, attempts:
         if last is None:
             return server
     raise last  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------- a Ray cluster
+
+
+@dataclass
+class RayCluster:
+    """A local multi-node Ray cluster with token auth: a head plus worker nodes, on this machine.
+
+    Each node has its own temp dir, as on separate machines (nodes sharing one would share the
+    runtime_resources folder, and one node's cleanup would delete a job's working dir under the other).
+    Every `ray start` runs in a new process session, and every process of the cluster lives in one of
+    those sessions or names a node's temp dir: stop() ends exactly those (never `ray stop`, which
+    would end every Ray on the machine, a test session's own included).
+    """
+
+    gcs_address: str  # 127.0.0.1:<port>, for `ray start --address`
+    dashboard_url: str  # http://127.0.0.1:<port>: the job server and the state API
+    token: str
+    temp_dirs: list = field(default_factory=list)  # one per node
+    env: dict = field(repr=False, default_factory=dict)  # for `ray` CLI calls against this cluster
+    sessions: list = field(default_factory=list)  # process session ids of the nodes
+    log: Path | None = None
+
+    def api(self, path: str, data: dict | None = None, timeout: float = 10.0):
+        """GET (or POST `data` as JSON) the dashboard's REST API with the token; the decoded JSON."""
+        request = urllib.request.Request(
+            self.dashboard_url + path, data=None if data is None else json.dumps(data).encode(),
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return json.loads(resp.read().decode())
+
+    def alive_nodes(self) -> list[dict]:
+        nodes = self.api("/api/v0/nodes?limit=100")["data"]["result"]["result"]
+        return [n for n in nodes if n.get("state") == "ALIVE"]
+
+    def pids(self) -> list[int]:
+        import psutil
+
+        temps = [str(t) for t in self.temp_dirs]
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                line = " ".join(p.info["cmdline"] or [])
+                if os.getsid(p.info["pid"]) in self.sessions or any(t in line for t in temps):
+                    found.append(p.info["pid"])
+            except (psutil.Error, OSError, TypeError):
+                continue
+        return [pid for pid in found if pid != os.getpid()]
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace_s
+            while pids and time.monotonic() < deadline:
+                pids = self.pids()
+                time.sleep(0.2)
+            if not pids:
+                break
+        for folder in self.temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def __enter__(self) -> RayCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _ray_start(cluster: RayCluster, args: list[str], timeout_s: float) -> None:
+    ray = find_executable("ray")
+    with open(cluster.log, "ab") as out:
+        proc = subprocess.Popen([ray, "start", "--disable-usage-stats", *args], env=cluster.env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        cluster.sessions.append(proc.pid)  # its daemons stay in this session after it exits
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+    if code != 0:
+        raise ServiceError(f"ray start {' '.join(args[:2])} failed ({code}):\n"
+                           + _log_tail(cluster.log).replace(cluster.token, "<token>"))
+
+
+def start_ray_cluster(workdir: str | os.PathLike, cpus_per_node=(1, 1), env: dict | None = None,
+                      timeout_s: float = 120.0) -> RayCluster:
+    """A head (with the dashboard: the job server) and len(cpus_per_node)-1 worker nodes, all on fresh
+    ports, token auth on (RAY_AUTH_MODE=token, as cluster/local.sh starts a head). `env`: the nodes'
+    environment (a job's entrypoint runs with the head's); this interpreter's bin dir goes first on
+    PATH so the job's `python` is this one."""
+    import secrets
+    import tempfile
+
+    token = secrets.token_hex(32)
+    base = dict(env if env is not None else os.environ)
+    base.pop("RAY_ADDRESS", None)
+    base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+                PATH=os.path.dirname(sys.executable) + os.pathsep + base.get("PATH", ""))
+    gcs, dashboard = free_port(), free_port()
+    cluster = RayCluster(gcs_address=f"127.0.0.1:{gcs}", dashboard_url=f"http://127.0.0.1:{dashboard}", token=token,
+                         env=base, log=Path(workdir) / "ray_start.log")
+
+    def temp_dir() -> str:  # short: Ray's unix sockets live under it (a socket path stays under ~107 chars)
+        cluster.temp_dirs.append(Path(tempfile.mkdtemp(prefix="rtc-", dir="/tmp")))
+        return str(cluster.temp_dirs[-1])
+
+    def node_ports() -> list[str]:  # two nodes on one machine must not share a port
+        return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+    try:
+        _ray_start(cluster, ["--head", f"--port={gcs}", f"--num-cpus={cpus_per_node[0]}", f"--temp-dir={temp_dir()}",
+                             "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+                             *node_ports()], timeout_s)
+        for cpus in cpus_per_node[1:]:
+            _ray_start(cluster, [f"--address={cluster.gcs_address}", f"--num-cpus={cpus}",
+                                 "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir()}", *node_ports()], timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:  # the job server and every node registered
+            try:
+                if len(cluster.alive_nodes()) == len(cpus_per_node):
+                    return cluster
+            except (OSError, KeyError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise ServiceError(f"Ray cluster not up after {timeout_s:.0f}s:\n"
+                                   + _log_tail(cluster.log).replace(token, "<token>"))
+            time.sleep(0.5)
+    except BaseException:
+        cluster.stop()
+        raise
+
+
+def restart_seaweedfs(server: S3Server, timeout_s: float = 60.0) -> None:
+    """Start a stopped server again with its own command: same data dir, ports and credentials."""
+    # a master resuming its raft state waits out an election timeout (10 s) before it leads
+    cmd = [a for a in server.proc.args if not a.startswith("-master.electionTimeout=")]
+    cmd.append("-master.electionTimeout=300ms")
+    data_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("-dir="))
+    log = Path(server.workdir) / "weed-restart.log"
+    error = _launch(server, cmd, data_dir, log, lambda: _s3_ready(server), "SeaweedFS (restart)", timeout_s)
+    if error is not None:
+        raise error

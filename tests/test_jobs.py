@@ -169,8 +169,11 @@ def test_shipped_config_runs_in_process(job, name, tmp_path, capsys):
     assert summary["eval_loss"] > 0
     assert os.path.isfile(tmp_path / "model.safetensors")  # save_model() at the end
     assert os.path.isfile(tmp_path / "training_plot.png") and summary["plot"] == str(tmp_path / "training_plot.png")
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert f"final model: {tmp_path}" in out and "RAYTRAINER_RESULT {" in out
+    # not a terminal: progress as plain lines, no tqdm redraws (the trainer's bar, HF's "Writing model shards")
+    assert "[progress] step 2/2 (100%)" in out and "\r" not in out + captured.err
 
 
 def test_minilm_reads_string_labels_from_csv(job, tmp_path):

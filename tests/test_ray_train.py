@@ -21,11 +21,13 @@ import pytest
 import torch
 
 import raytrainer
+from raytrainer.data.checks import SAMPLE_ROWS
+from raytrainer.data.sampling import epoch_permutation
 
 try:
-    from tests.helpers import lm_examples, tiny_gpt2
+    from tests.helpers import CountingDataset, lm_examples, tiny_gpt2
 except ImportError:
-    from helpers import lm_examples, tiny_gpt2
+    from helpers import CountingDataset, lm_examples, tiny_gpt2
 
 pytestmark = pytest.mark.ray
 
@@ -207,11 +209,16 @@ def test_s3_checkpoints_then_resume_with_one_worker(ray_cluster, s3_env, s3_buck
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
 
 
-def test_resume_with_other_global_batch_is_refused(ray_cluster, ddp_run, tmp_path):
-    args = ray_args(tmp_path / "x", 0, 2)  # 2 x 1 x 2 = 4, the checkpoint's is 8
-    trainer = raytrainer.Trainer(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=lm_examples(N_EXAMPLES))
-    with pytest.raises(ValueError, match="global batch"):
-        trainer.train(resume_from_checkpoint=os.path.join(ddp_run.args.output_dir, "checkpoint-4"))
+def test_resume_with_other_global_batch_continues_at_the_sample(ray_cluster, ddp_run, tmp_path):
+    """The 2-worker run's checkpoint-2 (global batch 8: 16 samples into epoch 0) resumed in-process with a
+    global batch of 4 (2 x 1 x 2) continues at sample 16 (tests/reliability/test_resume_batch.py: the rest)."""
+    args = ray_args(tmp_path / "x", 0, 2, save_strategy="no")
+    data = CountingDataset(lm_examples(N_EXAMPLES))
+    trainer = raytrainer.Trainer(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=os.path.join(ddp_run.args.output_dir, "checkpoint-2"))
+    order = [epoch_permutation(N_EXAMPLES, args.seed, epoch).tolist() for epoch in (0, 1)]
+    assert data.fetched[SAMPLE_ROWS:] == order[0][16:] + order[1]
+    assert trainer.state.global_step == trainer.state.max_steps == 2 + 4 + 8  # 8 steps of 4 per epoch
 
 
 class IdRecorder(torch.nn.Module):

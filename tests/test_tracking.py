@@ -36,9 +36,18 @@ def test_safe_params_redact_secrets_and_objects():
     assert params["learning_rate"] == args.learning_rate and "accelerator_config.split_batches" in params
 
 
-def tiny_trainer(output_dir, report_to, **kw):
-    import torch
+def tiny_model(width=16):
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=width, n_layer=1, n_head=2))
+
+
+def sweep_model_init(trial):
+    return tiny_model(width=trial["width"] if trial else 16)  # a hyperparameter only model_init takes
+
+
+def tiny_trainer(output_dir, report_to, model_init=None, **kw):
+    import torch
 
     import raytrainer
 
@@ -47,8 +56,8 @@ def tiny_trainer(output_dir, report_to, **kw):
     args = raytrainer.TrainingArguments(output_dir=str(output_dir), max_steps=6, logging_steps=1, report_to=report_to,
                                         per_device_train_batch_size=4, save_strategy="no", eval_strategy="steps",
                                         eval_steps=3, hub_token=SECRET, run_name="tracking-test", **kw)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
-    return raytrainer.Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:8])
+    return raytrainer.Trainer(model=None if model_init else tiny_model(), model_init=model_init, args=args,
+                              train_dataset=rows, eval_dataset=rows[:8])
 
 
 @pytest.fixture
@@ -164,6 +173,7 @@ def test_default_store_lives_in_output_dir(tmp_path, monkeypatch):
     finally:
         mlflow.set_tracking_uri(None)
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)  # use_local_store set it; monkeypatch never saw it
 
 
 def test_callback_copy_from_another_process_does_not_end_the_drivers_run(tmp_path, monkeypatch):
@@ -213,3 +223,99 @@ def test_job_logs_to_the_server_with_plot_and_model(mlflow_env, tmp_path, capsys
     assert run.info.status == "FINISHED" and not [v for v in run.data.params.values() if SECRET in v]
     assert {"training_plot.png", "model"} <= {a.path for a in client.list_artifacts(run_id)}
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [4]  # logging_steps: 4
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.e2e
+@pytest.mark.ray
+def test_two_ray_workers_log_to_mlflow_and_tensorboard(mlflow_env, ray_cluster, tmp_path, monkeypatch):
+    """report_to mlflow + tensorboard, 2 Ray workers, no run opened on the driver: rank 0 starts the run
+    (named run_name, in the driver's mlflow.set_experiment experiment), logs params without a secret and
+    every logging step of log_history; TensorBoard events come from rank 0 only, equal to log_history."""
+    import mlflow
+
+    from raytrainer.tracking.plots import plot_run
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)  # must not reach the params either
+    experiment = mlflow.set_experiment(f"two-workers-{uuid.uuid4().hex[:8]}")  # the driver's choice, as a user sets it
+    trainer = tiny_trainer(tmp_path / "out", ["mlflow", "tensorboard"], num_workers=2,
+                           logging_dir=str(tmp_path / "tb"), storage_path=str(tmp_path / "storage"))
+    trainer.train()
+    run_id = tracking.run_id_of(trainer)  # rank 0's callback state, back on the driver
+    assert run_id and mlflow.active_run() is None
+    trainer.save_model()
+    plot = plot_run(trainer.state.log_history, tmp_path / "out" / "training_plot.png")
+    assert tracking.log_final_artifacts(run_id, plot_path=str(plot), model_dir=str(tmp_path / "out")) == [
+        "training_plot.png", "model"]
+
+    client = mlflow.MlflowClient(mlflow_env)
+    run = client.get_run(run_id)
+    assert run.info.experiment_id == experiment.experiment_id and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.runName"] == "tracking-test"
+    leaked = [k for k, v in {**run.data.params, **run.data.tags}.items() if SECRET in v or S3_SECRET in v]
+    assert not leaked and run.data.params["hub_token"] == tracking.REDACTED
+    assert run.data.params["num_workers"] == "2" and run.data.params["learning_rate"] == str(5e-05)
+
+    expected: dict[str, list] = {}
+    for entry in trainer.state.log_history:
+        for key, value in entry.items():
+            if key != "step" and isinstance(value, (int, float)):
+                expected.setdefault(key, []).append((entry["step"], float(value)))
+    assert [s for s, _ in expected["loss"]] == [1, 2, 3, 4, 5, 6] and len(expected["eval_loss"]) == 2
+    for key, points in expected.items():
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        assert got == sorted(points), key
+    assert {"training_plot.png", "model"} <= {a.path for a in client.list_artifacts(run_id)}
+    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run_id, "model")}
+
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert len(events) == 1, events  # rank 0 only; the other rank and the driver wrote none
+    scalars = tensorboard_scalars(events[0].parent)
+    for tb_key, key in (("train/loss", "loss"), ("eval/loss", "eval_loss"), ("train/learning_rate", "learning_rate")):
+        assert [s for s, _ in scalars[tb_key]] == [s for s, _ in expected[key]], tb_key
+        assert [v for _, v in scalars[tb_key]] == pytest.approx([v for _, v in expected[key]], rel=1e-6), tb_key
+
+
+@pytest.mark.e2e
+@pytest.mark.ray
+def test_sweep_is_one_parent_run_with_a_child_per_trial(mlflow_env, ray_cluster, tmp_path):
+    """hyperparameter_search with report_to mlflow: a parent run for the sweep on the driver, one child
+    run per trial (tagged mlflow.parentRunId) holding that trial's hyperparameters and its metrics."""
+    import mlflow
+    from ray import tune
+
+    trainer = tiny_trainer(tmp_path / "out", ["mlflow"], model_init=sweep_model_init)
+    experiment = mlflow.set_experiment(f"sweep-{uuid.uuid4().hex[:8]}")
+    best = trainer.hyperparameter_search(
+        hp_space={"learning_rate": tune.choice([1e-3, 3e-3]), "seed": tune.randint(0, 100),
+                  "width": tune.choice([16, 24])}, n_trials=2,
+        direction="minimize", backend="ray", name="mlflow-sweep")
+    parent_id = trainer.sweep_mlflow_run_id
+    assert mlflow.active_run() is None  # the sweep ended the parent run it started
+
+    runs = mlflow.MlflowClient(mlflow_env).search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert [r.info.run_id for r in parents] == [parent_id] and len(children) == 2 == len(runs) - 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["mlflow.runName"] == "mlflow-sweep"
+    assert parent.data.params["sweep.n_trials"] == "2" and "sweep.hp.learning_rate" in parent.data.params
+    assert parent.data.tags["raytrainer.best_trial_id"] == best.run_id
+
+    configs = {r.metrics["trial_id"]: r.config for r in trainer.sweep_results}
+    assert {c.data.tags["raytrainer.trial_id"] for c in children} == set(configs)
+    for child in children:
+        config = configs[child.data.tags["raytrainer.trial_id"]]
+        assert child.info.status == "FINISHED"
+        assert float(child.data.params["learning_rate"]) == config["learning_rate"]  # the trial's own values
+        assert int(child.data.params["seed"]) == config["seed"]
+        assert child.data.params["width"] == child.data.params["n_embd"] == str(config["width"])
+        assert SECRET not in repr(child.data.params)
+        assert child.data.metrics["eval_loss"] > 0 and "loss" in child.data.metrics

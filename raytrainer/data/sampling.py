@@ -5,6 +5,10 @@ seeded with `seed + epoch`, which is the order accelerate's SeedableRandomSample
 transformers.Trainer. Each global batch of `batch_size * world_size` indices is cut into
 contiguous per-rank slices, so N workers see exactly the samples one worker sees with an N times
 larger batch. Resuming at batch k slices the permutation at k: nothing before it is iterated.
+
+Because the order does not depend on the batch size, a position in samples ("the first s samples
+of epoch e's order are trained") is a valid resume point for any batch size: checkpoints record it
+(`trained`), and a resume with another global batch starts at that sample (loop.py).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.epoch = 0
         self.start_batch = 0
+        self.trained: dict | None = None  # the data position of the optimizer state (see mark_trained)
 
     @property
     def global_batch_size(self) -> int:
@@ -45,6 +50,18 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
         self.start_batch = start_batch
+        self.mark_trained(epoch, start_batch)
+
+    def samples_before(self, batch: int) -> int:
+        """How far into the epoch's order the global batches before `batch` reach."""
+        return min(batch * self.global_batch_size, self.num_samples)
+
+    def mark_trained(self, epoch: int, batches: int) -> None:
+        """The loop has stepped the optimizer on the first `batches` batches of `epoch` (the DataLoader may
+        have fetched more: prefetching), so a checkpoint taken now resumes after them."""
+        if batches >= len(self):
+            epoch, batches = epoch + 1, 0  # a finished epoch is the next one's start, whatever the batch
+        self.trained = {"epoch": epoch, "samples": self.samples_before(batches), "num_samples": self.num_samples}
 
     def __len__(self) -> int:
         """Batches per epoch: the same on every rank, so no rank waits on a collective alone."""

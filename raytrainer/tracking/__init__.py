@@ -1,6 +1,7 @@
-"""Tracking around a run: plots of its logs (plots.py) and MLflow helpers (mlflow.py).
+"""Tracking around a run: plots of its logs (plots.py), MLflow helpers (mlflow.py) and progress as plain
+lines for job logs (progress.py).
 
-Both import their heavy dependency (matplotlib, mlflow) only when a function is called, so
+They import their heavy dependency (matplotlib, mlflow) only when a function is called, so
 `import raytrainer.tracking` costs nothing.
 """
 

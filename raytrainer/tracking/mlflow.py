@@ -18,7 +18,9 @@ that default would vanish with the job. What raytrainer adds:
 * `default_tracking_uri(output_dir)` / `use_local_store(output_dir)`: when nothing is set, a local
   store inside output_dir (sqlite db + artifacts), which outlives the process that trained.
 * `log_final_artifacts(...)`, `run_url(...)`: the plot PNG and the final model as run artifacts, and
-  where to look at the run.
+  where to look at the run; `run_id_of(trainer)`: the run a train() logged into (also under Ray).
+* `start_sweep_run` / `trial_run` / `finish_sweep_run`: hyperparameter_search as one parent run with a
+  child run per trial (tagged mlflow.parentRunId, the trial's hyperparameters as its params).
 
 mlflow is imported inside the functions only.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -45,6 +48,8 @@ _PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIME
                "HF_MLFLOW_LOG_ARTIFACTS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
                "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_ENABLE_ASYNC_LOGGING")
+# where a run goes: set by the driver, never inherited by a worker or a trial
+_WHERE_ENV = ("MLFLOW_RUN_ID", "MLFLOW_NESTED_RUN", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
 DEFAULT_EXPERIMENT = "raytrainer"
 LOCAL_STORE_DIR = "mlflow"  # <output_dir>/mlflow/{mlflow.db, artifacts/}
 
@@ -132,12 +137,17 @@ class MLflowCallback(_HFMLflowCallback):
     """
 
     _owner_pid = None
+    run_id = None  # the run this callback logged into (rank 0's; it reaches the driver's copy after a Ray run)
 
     def setup(self, args, state, model):
         config = getattr(model, "config", None)
         params = safe_params(args, config.to_dict() if config is not None else None)
         self._owner_pid = os.getpid()
-        return super().setup(_ArgsWithParams(args, params), state, None)
+        out = super().setup(_ArgsWithParams(args, params), state, None)
+        active = self._ml_flow.active_run() if state.is_world_process_zero else None
+        if active is not None:
+            self.run_id = active.info.run_id
+        return out
 
     def _owns_run(self) -> bool:
         return self._owner_pid == os.getpid()
@@ -163,6 +173,14 @@ class _ArgsWithParams:
 
     def __getattr__(self, name):
         return getattr(self._args, name)
+
+
+def run_id_of(trainer) -> str | None:
+    """The MLflow run a trainer's last train() logged into (in-process or on the rank-0 worker), else None."""
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, MLflowCallback) and cb.run_id:
+            return cb.run_id
+    return None
 
 
 def use_safe_mlflow_callback(trainer) -> bool:
@@ -222,7 +240,28 @@ def driver_env(output_dir: str | None = None) -> dict[str, str]:
         except Exception:  # noqa: BLE001 - the run id alone is enough to reattach
             pass
         env.pop("MLFLOW_EXPERIMENT_ID", None)
+    elif "MLFLOW_EXPERIMENT_NAME" not in env and "MLFLOW_EXPERIMENT_ID" not in env:
+        # mlflow.set_experiment(...) on the driver lives in this process only: the worker's callback
+        # would start its run in the Default experiment
+        name = _fluent_experiment_name(env.get("MLFLOW_TRACKING_URI"))
+        if name:
+            env["MLFLOW_EXPERIMENT_NAME"] = name
     return env
+
+
+def _fluent_experiment_name(tracking_uri: str | None) -> str | None:
+    """The experiment mlflow.set_experiment() chose in this process, if any."""
+    from mlflow.tracking import fluent
+
+    experiment_id = getattr(fluent, "_active_experiment_id", None)
+    if not experiment_id:
+        return None
+    try:
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri).get_experiment(experiment_id).name
+    except Exception:  # noqa: BLE001 - another store's id: the worker falls back to MLflow's default
+        return None
 
 
 def apply_env(env: Mapping[str, str]) -> None:
@@ -233,6 +272,12 @@ def apply_env(env: Mapping[str, str]) -> None:
     """
     if not env:
         return
+    if env.get("MLFLOW_TRACKING_URI"):
+        # the driver's choice of run and experiment replaces what this process inherited (a raylet started
+        # with MLFLOW_EXPERIMENT_NAME set would otherwise send rank 0's run to that experiment)
+        for name in _WHERE_ENV:
+            if name not in env:
+                os.environ.pop(name, None)
     os.environ.update({k: str(v) for k, v in env.items()})
     import sys
 
@@ -326,3 +371,119 @@ def run_url(run_id: str, tracking_uri: str | None = None) -> str:
         base = strip_userinfo(uri).rstrip("/")
         return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"{base} (run {run_id})"
     return f"{uri} run {run_id} (view: mlflow ui --backend-store-uri {uri})"
+
+
+# -------------------------------------------------------------------------------- (e) sweeps
+# A sweep is one parent run (opened on the driver) with one child run per trial (opened in the
+# trial's process, tagged mlflow.parentRunId): the MLflow UI shows the trials nested under the sweep.
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "raytrainer.trial_id"
+SWEEP_TAG = "raytrainer.sweep"
+
+
+def start_sweep_run(args, name: str, settings: Mapping[str, Any] | None = None) -> dict | None:
+    """On the driver: the sweep's parent run, or None when report_to has no mlflow.
+
+    The user's active run (`with mlflow.start_run():`) is the parent; else a run named after the
+    sweep is started (in the experiment MLflow would pick; with no tracking URI set, the local store
+    in output_dir). `settings` (n_trials, scheduler, the search space...) are logged as `sweep.*`
+    params. Returns what the trials need (`trial_run`) and `finish_sweep_run` takes.
+    """
+    if "mlflow" not in (args.report_to or []):
+        return None
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is None and not mlflow.is_tracking_uri_set():
+        use_local_store(args.output_dir)
+    run = active or mlflow.start_run(run_name=name, tags={SWEEP_TAG: name})
+    if settings:
+        try:
+            mlflow.MlflowClient().log_batch(run.info.run_id, params=_params(
+                {f"sweep.{k}": v for k, v in safe_params(dict(settings)).items() if v is not None}))
+        except Exception as e:  # noqa: BLE001 - the user's own run may hold these params already
+            import logging
+
+            logging.getLogger("raytrainer").warning("sweep settings not logged to MLflow run %s: %s",
+                                                    run.info.run_id, e)
+    env = {k: os.environ[k] for k in _PASSED_ENV if os.environ.get(k) and k not in _WHERE_ENV}
+    env["MLFLOW_TRACKING_URI"] = _absolute_uri(str(mlflow.get_tracking_uri()))
+    return {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "env": env,
+            "owned": active is None, "name": name}
+
+
+def _params(values: Mapping[str, Any]):
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)) for k, v in values.items()]
+
+
+@contextmanager
+def trial_run(sweep: Mapping[str, Any] | None, trial_name: str, trial_id: str,
+              hyperparameters: Mapping[str, Any] | None = None, resumed: bool = False):
+    """In a trial's process: `with trial_run(...):` keeps the trial's child run active while it trains.
+
+    transformers' MLflowCallback logs into the active run (in-process trials); a multi-worker trial's
+    rank 0 reattaches to it (driver_env() hands it MLFLOW_RUN_ID). `hyperparameters` that are no
+    TrainingArguments field (model_init's) are logged here; the callback logs the fields with the
+    trial's values. Ends FINISHED, or FAILED when the trial raises. `sweep` None: does nothing.
+    """
+    if sweep is None:
+        yield None
+        return
+    import mlflow
+
+    for name in _WHERE_ENV:
+        os.environ.pop(name, None)
+    apply_env(sweep["env"])
+    while mlflow.active_run() is not None:  # a run left open by an earlier trial in this process
+        mlflow.end_run()
+    tags = {PARENT_TAG: sweep["run_id"], TRIAL_TAG: trial_id, SWEEP_TAG: sweep["name"]}
+    if resumed:  # Tune restarted the trial from a checkpoint (PBT exploit or pause): a run of its own
+        tags["raytrainer.resumed"] = "true"
+    run = mlflow.start_run(experiment_id=sweep["experiment_id"], run_name=trial_name, tags=tags)
+    status = "FAILED"
+    try:
+        if hyperparameters:
+            mlflow.log_params({k: v for k, v in safe_params(dict(hyperparameters)).items() if v is not None})
+        yield run
+        status = "FINISHED"
+    finally:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run.info.run_id:
+            mlflow.end_run(status)
+        else:  # a worker's callback ended it already (multi-worker trial): set the trial's status
+            mlflow.MlflowClient().set_terminated(run.info.run_id, status)
+
+
+def finish_sweep_run(sweep: Mapping[str, Any] | None, results=None, best=None, failed: bool = False) -> None:
+    """On the driver after the sweep: end children a stopped trial left RUNNING, record the best trial
+    on the parent, end the parent if the sweep started it."""
+    if sweep is None:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = sweep["run_id"]
+    errored = {(r.metrics or {}).get("trial_id") for r in (results or []) if getattr(r, "error", None)}
+    try:
+        # a trial the scheduler stopped (ASHA) is ended from outside, before its own code could end its run
+        left = client.search_runs([sweep["experiment_id"]],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{run_id}' and attributes.status = 'RUNNING'")
+        for child in left:
+            client.set_terminated(child.info.run_id,
+                                  "FAILED" if child.data.tags.get(TRIAL_TAG) in errored else "FINISHED")
+        if best is not None:
+            client.set_tag(run_id, "raytrainer.best_trial_id", str(best.run_id))
+            if isinstance(best.objective, (int, float)):
+                client.log_metric(run_id, "best_objective", float(best.objective))
+            for k, v in safe_params(dict(best.hyperparameters or {})).items():
+                client.set_tag(run_id, f"raytrainer.best.{k}", str(v))
+    finally:
+        if sweep["owned"]:
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run_id:
+                mlflow.end_run("FAILED" if failed else "FINISHED")
+            else:
+                client.set_terminated(run_id, "FAILED" if failed else "FINISHED")

@@ -75,44 +75,71 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     resources = _trial_resources(args)
     max_concurrent = _max_concurrent(args, resources, max_concurrent)
 
+    from ..tracking.mlflow import finish_sweep_run, start_sweep_run
     from .trial import run_trial
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, blueprint=blueprint, compute_objective=compute_objective,
-                             storage_path=storage_path, sweep=name, hp_name=hp_name, report_checkpoints=pbt),
-        resources,
-    )
-    has_metric = getattr(tune_scheduler, "_metric", None) is not None
-    path = os.path.join(storage_path, name) if "://" not in storage_path else f"{storage_path}/{name}"
-    if resume and tune.Tuner.can_restore(path, storage_filesystem=args.storage_filesystem):
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=args.storage_filesystem)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            # a scheduler that carries metric/mode itself gets none here: Tune refuses them twice
-            tune_config=tune.TuneConfig(metric=None if has_metric else "objective",
-                                        mode=None if has_metric else (mode if isinstance(mode, str) else mode[0]),
-                                        num_samples=n_trials, scheduler=tune_scheduler, search_alg=search_alg,
-                                        max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[TrialLines(args.max_steps)],
-                                      storage_filesystem=args.storage_filesystem, verbose=0),
+    # report_to mlflow: one parent run for the sweep here, one child run per trial (in the trial)
+    mlflow_sweep = start_sweep_run(args, name, {
+        "n_trials": n_trials, "direction": direction, "scheduler": _describe(scheduler) or "fifo",
+        **{f"hp.{k}": _describe(v) for k, v in space.items()}})
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, blueprint=blueprint, compute_objective=compute_objective,
+                                 storage_path=storage_path, sweep=name, hp_name=hp_name, report_checkpoints=pbt,
+                                 mlflow_sweep=mlflow_sweep),
+            resources,
         )
-    with warnings.catch_warnings():
-        # Tune's advice to implement reset_config is for class Trainables; a trial here is a function
-        warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
-        results = tuner.fit()
-    trainer.sweep_results = results  # the trials table: results.get_dataframe()
-    rows = []
-    scope = os.environ.get("RAY_SCOPE", "last")  # transformers' knob: which reports rank the trials
-    for result in results:
-        if result.metrics and "objective" in result.metrics:
-            rows.append({"trial_id": result.metrics.get("trial_id"), "objective": result.metrics["objective"],
-                         "score": _scope_score(result, scope, mode), "config": result.config,
-                         "run_dir": result.metrics.get("run_dir")})
-    best = best_run(rows, direction, metric="objective" if scope == "last" or not isinstance(mode, str) else "score")
-    row = next(r for r in rows if r["trial_id"] == best.run_id)
-    # BestRun.objective is the winner's last report, as transformers' Ray backend returns it
-    return type(best)(best.run_id, row["objective"], best.hyperparameters, best_checkpoint_of(row["run_dir"]))
+        has_metric = getattr(tune_scheduler, "_metric", None) is not None
+        path = os.path.join(storage_path, name) if "://" not in storage_path else f"{storage_path}/{name}"
+        if resume and tune.Tuner.can_restore(path, storage_filesystem=args.storage_filesystem):
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=args.storage_filesystem)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                # a scheduler that carries metric/mode itself gets none here: Tune refuses them twice
+                tune_config=tune.TuneConfig(metric=None if has_metric else "objective",
+                                            mode=None if has_metric else (mode if isinstance(mode, str) else mode[0]),
+                                            num_samples=n_trials, scheduler=tune_scheduler, search_alg=search_alg,
+                                            max_concurrent_trials=max_concurrent),
+                run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[TrialLines(args.max_steps)],
+                                          storage_filesystem=args.storage_filesystem, verbose=0),
+            )
+        with warnings.catch_warnings():
+            # Tune's advice to implement reset_config is for class Trainables; a trial here is a function
+            warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
+            results = tuner.fit()
+        trainer.sweep_results = results  # the trials table: results.get_dataframe()
+        rows = []
+        scope = os.environ.get("RAY_SCOPE", "last")  # transformers' knob: which reports rank the trials
+        for result in results:
+            if result.metrics and "objective" in result.metrics:
+                rows.append({"trial_id": result.metrics.get("trial_id"), "objective": result.metrics["objective"],
+                             "score": _scope_score(result, scope, mode), "config": result.config,
+                             "run_dir": result.metrics.get("run_dir")})
+        best = best_run(rows, direction, metric="objective" if scope == "last" or not isinstance(mode, str) else "score")
+        row = next(r for r in rows if r["trial_id"] == best.run_id)
+        # BestRun.objective is the winner's last report, as transformers' Ray backend returns it
+        best = type(best)(best.run_id, row["objective"], best.hyperparameters, best_checkpoint_of(row["run_dir"]))
+    except BaseException:
+        finish_sweep_run(mlflow_sweep, failed=True)
+        raise
+    finish_sweep_run(mlflow_sweep, results, best)
+    trainer.sweep_mlflow_run_id = mlflow_sweep["run_id"] if mlflow_sweep else None  # the parent run
+    return best
+
+
+def _describe(value) -> str | None:
+    """A scheduler or a Tune domain as a short param value (`loguniform(1e-05, 0.01)`, `[1, 2]`)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    categories = getattr(value, "categories", None)
+    if categories is not None:
+        return str(list(categories))
+    if hasattr(value, "lower") and hasattr(value, "upper"):
+        sampler = type(getattr(value, "sampler", None) or object).__name__.lstrip("_").lower()
+        return f"{type(value).__name__.lower()}[{value.lower}, {value.upper}]" + (
+            f" {sampler}" if sampler not in ("object", "nonetype") else "")
+    return type(value).__name__
 
 
 def _scope_score(result, scope: str, mode):

@@ -51,12 +51,27 @@ class ReportObjective(TrainerCallback):
             self.reported += 1
 
 
-def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name, report_checkpoints=False):
+def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name, report_checkpoints=False,
+              mlflow_sweep=None):
+    """One trial; with `mlflow_sweep` (the driver's parent run, report_to mlflow) inside its own child run."""
     from ray import tune
+
+    from ..tracking.mlflow import trial_run
 
     context = tune.get_context()
     trial_name = hp_name(config) if hp_name is not None else context.get_trial_name()
     check_folder_name("hp_name(trial)", trial_name, "the trial's folder under the sweep's")
+    _, model_params = split_params(config, blueprint.ctor["args"])
+    restored = tune.get_checkpoint()
+    with trial_run(mlflow_sweep, trial_name, context.get_trial_id(), model_params, resumed=restored is not None):
+        _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_name, report_checkpoints,
+                   context, restored)
+
+
+def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_name, report_checkpoints, context,
+               restored):
+    from ray import tune
+
     overrides, _ = split_params(config, blueprint.ctor["args"])
     base_args = blueprint.ctor["args"]
     if "://" in storage_path:  # the trial stages in output_dir; its run folder is in the bucket
@@ -87,7 +102,7 @@ def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name
         trainer.add_callback(reporter)
         resume = None
         # Tune restarted this trial: PBT exploited a better trial's checkpoint, or paused this one (its own)
-        exploited = tune.get_checkpoint()
+        exploited = restored
         if exploited is not None:
             resume = exploited.to_directory()
             if _global_step(resume) >= args.max_steps > 0:
@@ -103,7 +118,6 @@ def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name
     # multi-worker: checkpoints live in storage; Tune holds only a pointer to one (CheckpointPointer)
     pointers = CheckpointPointer(storage_path, base_args.storage_filesystem, trial_name)
     resume = None
-    restored = tune.get_checkpoint()
     if restored is not None:
         resume, step = pointers.resume_from(restored)
         if step >= args.max_steps > 0:
