@@ -107,6 +107,10 @@ case "${1:-}" in
         export RAY_AUTH_MODE=token
         RAY_AUTH_TOKEN="$(token)"
         export RAY_AUTH_TOKEN
+        # Ray Train's PlacementGroupCleaner (in every job on this head) asks the state API with no address:
+        # with another Ray on this machine (a notebook's ray.init()) "auto" finds two clusters and it dies
+        # with "Found multiple active Ray instances". The head's processes inherit this and ask their own.
+        export RAY_API_SERVER_ADDRESS="http://127.0.0.1:$DASHBOARD_PORT"
         mkdir -p "$RAY_TMP" "$(dirname "$STATE_FILE")"
         # the token never reaches the terminal, even if Ray echoes it
         ray start --head --port="$GCS_PORT" --temp-dir="$RAY_TMP" \

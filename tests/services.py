@@ -420,9 +420,11 @@ def start_ray_cluster(workdir: str | os.PathLike, cpus_per_node=(1, 1), env: dic
     token = secrets.token_hex(32)
     base = dict(env if env is not None else os.environ)
     base.pop("RAY_ADDRESS", None)
-    base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-                PATH=os.path.dirname(sys.executable) + os.pathsep + base.get("PATH", ""))
     gcs, dashboard = free_port(), free_port()
+    # the test session's own Ray runs on this machine too: without an address, Ray Train's
+    # PlacementGroupCleaner (state API, address "auto") finds two clusters and dies; as cluster/local.sh
+    base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}",
+                PATH=os.path.dirname(sys.executable) + os.pathsep + base.get("PATH", ""))
     cluster = RayCluster(gcs_address=f"127.0.0.1:{gcs}", dashboard_url=f"http://127.0.0.1:{dashboard}", token=token,
                          env=base, log=Path(workdir) / "ray_start.log")
 
