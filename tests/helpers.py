@@ -163,3 +163,14 @@ def assert_logs_close(a: list[dict], b: list[dict], rtol: float = 1e-5, atol: fl
 def state_dicts_equal(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class StopAt(transformers.TrainerCallback):
+    """Stops training at the end of `step` (after its save: a crash of the driver, in effect)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True

@@ -25,9 +25,9 @@ from raytrainer.data.checks import SAMPLE_ROWS
 from raytrainer.data.sampling import epoch_permutation
 
 try:
-    from tests.helpers import CountingDataset, lm_examples, tiny_gpt2
+    from tests.helpers import CountingDataset, StopAt, lm_examples, tiny_gpt2
 except ImportError:
-    from helpers import CountingDataset, lm_examples, tiny_gpt2
+    from helpers import CountingDataset, StopAt, lm_examples, tiny_gpt2
 
 pytestmark = pytest.mark.ray
 
@@ -51,17 +51,6 @@ def losses(trainer):
 
 def weights(trainer):
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-
-
-class StopAt(raytrainer.TrainerCallback):
-    """Stops training after the save at `step` (a crash of the driver, in effect)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 class KillWorkerOnce(raytrainer.TrainerCallback):

@@ -19,20 +19,12 @@ import torch
 import raytrainer
 from raytrainer.data.checks import SAMPLE_ROWS
 from raytrainer.data.sampling import epoch_permutation
-from tests.helpers import CountingDataset, lm_examples, make_args, tiny_gpt2
+from tests.helpers import CountingDataset, StopAt, lm_examples, make_args, tiny_gpt2
 
 N = 24  # samples per epoch
 SEED = 42  # make_args' seed: the sampler's order is epoch_permutation(N, SEED, epoch)
 CKPT_STEP = 3  # the first run (batch 4, no accumulation) stops after checkpoint-3: 12 samples into epoch 0
 
-
-class StopAt(raytrainer.TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def order(epoch):
