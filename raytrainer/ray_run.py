@@ -21,6 +21,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -432,9 +433,16 @@ def _send_final_state(spec: RunSpec, trainer) -> None:
 
 
 def _upload(spec: RunSpec, local_dir: str, name: str) -> None:
-    fs = spec.storage_filesystem
-    fs.create_dir(f"{spec.run_dir}/{name}", recursive=True)
-    storage.upload_dir(local_dir, fs, f"{spec.run_dir}/{name}")
+    import pyarrow.fs as pafs
+
+    from .checkpoint.upload import with_retries
+
+    fs, dest = spec.storage_filesystem, f"{spec.run_dir}/{name}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(dest, recursive=True)
+        storage.upload_dir(local_dir, fs, dest)
+    else:  # remote storage may be down for a while: retried with backoff
+        with_retries(lambda: storage.upload_dir(local_dir, fs, dest), f"upload of {name}", dest)
     shutil.rmtree(os.path.dirname(local_dir), ignore_errors=True)
 
 
@@ -502,6 +510,11 @@ class WorkerRun:
         self.same_folder = isinstance(spec.storage_filesystem, pafs.LocalFileSystem) and \
             os.path.abspath(spec.run_dir) == self.output_dir
         self._tmp_root = tempfile.mkdtemp(prefix="raytrainer-ckpt-")
+        # remote storage (S3): uploads run in Ray's upload thread (ASYNC), retried through an outage while
+        # training goes on; local storage keeps the synchronous report
+        self.in_background = not isinstance(spec.storage_filesystem, pafs.LocalFileSystem)
+        self._pending = 0  # background uploads not finished yet
+        self._drained = threading.Condition()
 
     def staging_dir(self, rank: int) -> str:
         return self.output_dir if rank == 0 and not self.same_folder else self._tmp_root
@@ -514,29 +527,84 @@ class WorkerRun:
         """A checkpoint folder is written on this rank: report it, fire on_save, rotate (rank 0)."""
         import torch.distributed as dist
 
+        after = self._after_persist(trainer, pending) if dist.get_rank() == 0 else (lambda: None)
         if self.same_folder:
-            self._report(trainer, pending.final_dir)
+            self._report(trainer, pending.final_dir, lambda: None)
             trainer._fire_on_save(pending)
+            after()
         else:
             trainer._fire_on_save(pending)
-            self._report(trainer, pending.final_dir)
-        if dist.get_rank() == 0:
-            stream = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StreamToDriver)), None)
-            if stream is not None:  # persisted now (report returned): a PBT trial may hand it to Tune
-                stream.checkpoint_persisted(pending.state or trainer.state,
-                                            f"{self.spec.run_dir}/{os.path.basename(pending.final_dir)}")
-            if self.args.save_total_limit:
-                self._rotate(trainer.state.best_model_checkpoint)
+            self._report(trainer, pending.final_dir, after)
 
-    def _report(self, trainer, local_dir: str) -> None:
+    def _after_persist(self, trainer, pending):
+        """Rank 0, once the checkpoint is in storage: tell the driver (PBT), rotate old checkpoints."""
+        stream = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StreamToDriver)), None)
+        # a copy: with a background upload, training moves on before this runs
+        state = copy.deepcopy(pending.state or trainer.state)
+        best = trainer.state.best_model_checkpoint
+        path = f"{self.spec.run_dir}/{os.path.basename(pending.final_dir)}"
+
+        def after():
+            if stream is not None:  # a PBT trial may hand it to Tune
+                stream.checkpoint_persisted(state, path)
+            if self.args.save_total_limit:
+                if self.in_background:
+                    from .checkpoint.upload import with_retries
+
+                    with_retries(lambda: self._rotate(best), "rotation of old checkpoints", self.spec.run_dir)
+                else:
+                    self._rotate(best)
+        return after
+
+    def _report(self, trainer, local_dir: str, after) -> None:
         import ray.train
 
         name = os.path.basename(local_dir)
         metrics = {"step": trainer.state.global_step, **trainer._last_metrics}
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        checkpoint = ray.train.Checkpoint.from_directory(local_dir)
         # every rank reports the same number of times (Ray's report is a barrier)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_dir), checkpoint_dir_name=name)
-        shutil.rmtree(local_dir, ignore_errors=True)
+        if not self.in_background:
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            shutil.rmtree(local_dir, ignore_errors=True)
+            after()
+            return
+        from ray.train import CheckpointUploadMode
+
+        with self._drained:
+            self._pending += 1
+        # Ray registers the checkpoint once every rank's upload function returned, in report order
+        # (one upload thread per worker)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                         checkpoint_upload_fn=self._upload_fn(after),
+                         delete_local_checkpoint_after_upload=False)  # the upload function does
+
+    def _upload_fn(self, after):
+        import ray.train
+        import torch.distributed as dist
+
+        from .checkpoint.upload import upload_checkpoint
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+
+        def upload(checkpoint, dir_name):
+            try:
+                ctx = ray.train.get_context().get_storage()
+                dest = ctx.build_checkpoint_path_from_name(dir_name)
+                upload_checkpoint(checkpoint.path, ctx.storage_filesystem, dest, rank, world)
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+                after()
+                return ray.train.Checkpoint(dest, filesystem=ctx.storage_filesystem)
+            finally:
+                with self._drained:
+                    self._pending -= 1
+                    self._drained.notify_all()
+        return upload
+
+    def wait_for_uploads(self) -> None:
+        with self._drained:
+            self._drained.wait_for(lambda: self._pending == 0)
 
     def _checkpoints_in_storage(self) -> dict[int, str]:
         steps = {}
@@ -552,6 +620,7 @@ class WorkerRun:
 
     def after_training(self, trainer) -> None:
         """transformers' end of train(): with save_total_limit=1 only the best checkpoint stays."""
+        self.wait_for_uploads()  # every checkpoint in storage and rotated first
         best = trainer.state.best_model_checkpoint
         if self.args.save_total_limit == 1 and best is not None:
             for path in self._checkpoints_in_storage().values():
@@ -559,6 +628,7 @@ class WorkerRun:
                     storage.delete_dir(self.spec.storage_filesystem, path)
 
     def fetch(self, path_in_storage: str) -> str:
+        self.wait_for_uploads()  # e.g. the best checkpoint at the end may still be on its way
         return _fetch_checkpoint(self.spec, path_in_storage)
 
 

@@ -1,0 +1,95 @@
+"""Upload a checkpoint folder to storage so that it survives a storage outage and is never seen half-done.
+
+* Every storage call is retried with exponential backoff (1 s doubling to 10 s) for at most
+  ``RAYTRAINER_STORAGE_RETRY_S`` seconds (default 1800); past that an ``OSError`` names the storage path.
+* ``trainer_state.json`` (what a resume requires, `latest_checkpoint_in`) lands last: rank 0 uploads it
+  only once its own files and every other rank's are in storage (each rank > 0 leaves a marker file
+  when its part is there; rank 0 removes the markers afterwards).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pyarrow.fs as pafs
+
+from .layout import TRAINER_STATE
+
+logger = logging.getLogger("raytrainer")
+RETRY_ENV = "RAYTRAINER_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 1800.0
+FIRST_WAIT_S, MAX_WAIT_S = 1.0, 10.0
+
+
+def retry_bound_s() -> float:
+    return float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+
+
+def with_retries(call, what: str, where: str, bound_s: float | None = None):
+    """call() until it succeeds; OSError (pyarrow's S3 errors) is retried with backoff within bound_s."""
+    bound_s = retry_bound_s() if bound_s is None else bound_s
+    deadline, wait = time.monotonic() + bound_s, FIRST_WAIT_S
+    while True:
+        try:
+            return call()
+        except FileNotFoundError:  # a missing local file is no outage
+            raise
+        except OSError as e:
+            if time.monotonic() + wait > deadline:
+                # "AWS error", not "AWS Error ...": Ray's report would retry the whole upload on those words
+                last = str(e).replace("AWS Error", "AWS error")
+                raise OSError(f"storage {where}: {what} still failing after {bound_s:g} s of retries "
+                              f"({RETRY_ENV}); last error: {last}") from e
+            logger.warning("raytrainer: storage %s: %s failed (%s); retrying in %.0f s", where, what, e, wait)
+            time.sleep(wait)  # backoff between attempts, not synchronisation
+            wait = min(wait * 2, MAX_WAIT_S)
+
+
+def _put(fs, local_path: str, dest: str) -> None:
+    with open(local_path, "rb") as src, fs.open_output_stream(dest) as out:
+        while chunk := src.read(8 << 20):
+            out.write(chunk)
+
+
+def _marker(dest: str, rank: int) -> str:
+    return f"{dest}/.raytrainer-rank-{rank}-uploaded"
+
+
+def upload_checkpoint(local_dir: str, fs, dest: str, rank: int, world_size: int, bound_s: float | None = None):
+    """Copy local_dir to dest in fs; see the module docstring for the order and the retries."""
+    deadline = time.monotonic() + (retry_bound_s() if bound_s is None else bound_s)
+
+    def retried(call, what):
+        return with_retries(call, what, dest, max(0.0, deadline - time.monotonic()))
+
+    files, last = [], None
+    for root, _, names in os.walk(local_dir):
+        for name in sorted(names):
+            rel = os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/")
+            if rel == TRAINER_STATE:
+                last = rel
+            else:
+                files.append(rel)
+    # folder markers as pyarrow's copy_files leaves them (storage.delete_dir removes them in order)
+    for folder in sorted({os.path.dirname(f"{dest}/{rel}") for rel in files + [TRAINER_STATE]}):
+        retried(lambda folder=folder: fs.create_dir(folder, recursive=True), f"creation of {folder}")
+    for rel in files:
+        retried(lambda rel=rel: _put(fs, os.path.join(local_dir, rel), f"{dest}/{rel}"), f"upload of {rel}")
+    if rank != 0:
+        retried(lambda: fs.open_output_stream(_marker(dest, rank)).close(), "upload of the rank marker")
+        return
+    others = [_marker(dest, r) for r in range(1, world_size)]
+    # the other ranks upload in their own processes: poll storage for their markers
+    retried(lambda: _require_files(fs, others), "waiting for the other ranks' files")
+    if last is not None:
+        retried(lambda: _put(fs, os.path.join(local_dir, last), f"{dest}/{last}"), f"upload of {last}")
+    for path in others:
+        retried(lambda path=path: fs.delete_file(path), "removal of a rank marker")
+
+
+def _require_files(fs, paths: list[str]) -> None:
+    missing = [p for p in paths if fs.get_file_info(p).type != pafs.FileType.File]
+    if missing:
+        raise OSError(f"not yet in storage: {missing}")
