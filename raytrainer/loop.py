@@ -409,7 +409,7 @@ class TrainingLoop:
                     strategy.zero_grad(model)
                     t.state.global_step += 1
                     t.state.epoch = epoch + (step + 1) / steps_in_epoch
-                    if isinstance(sampler, ResumableBatchSampler):
+                    if sampler is not None:
                         sampler.mark_trained(epoch, step + 1)  # the data position a checkpoint now records
                     t.control = t.callback_handler.on_step_end(args, t.state, t.control)
                     t._maybe_log_save_evaluate(t._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval,

@@ -34,6 +34,7 @@ import transformers
 from . import storage
 from .checkpoint.layout import TRAINER_STATE, checkpoint_step
 from .checkpoint.retention import checkpoints_to_delete
+from .checkpoint.state_check import check_state_in_storage
 from .crossing import TrainerBlueprint, apply_final_state, final_state
 from .data.checks import check_train_dataset
 from .data.ray_data import is_ray_dataset
@@ -88,6 +89,8 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
         resume_in_storage = True
     if resume_in_storage:  # a local resume path was checked by Trainer._resolve_resume
         check_state_in_storage(fs, resume)
+    if resume is not None and datasets:
+        check_stream_resume(fs if resume_in_storage else None, resume, args.num_workers)
     from .strategies import check_resume
 
     check_resume(args, resume, fs if resume_in_storage else None)  # e.g. ZeRO state of another worker count
@@ -220,16 +223,6 @@ def storage_location(args) -> tuple[str, str]:
         return args.storage_path.rstrip("/"), name
     out = os.path.abspath(args.output_dir)
     return os.path.dirname(out), os.path.basename(out)
-
-
-def check_state_in_storage(fs, checkpoint: str) -> None:
-    from .checkpoint.state_check import check_trainer_state_text
-
-    path = f"{checkpoint}/{TRAINER_STATE}"
-    if fs.get_file_info(path).type.name != "File":
-        raise ValueError(f"{checkpoint}: no {TRAINER_STATE}, so not a complete checkpoint; resume from another one.")
-    with fs.open_input_stream(path) as f:
-        check_trainer_state_text(f.read().decode("utf-8", errors="replace"), path)
 
 
 def latest_checkpoint_in(fs, run_dir: str) -> str | None:
@@ -475,6 +468,29 @@ def _build_worker_trainer(spec: RunSpec):
     if dist.get_rank() == 0 and spec.events is not None:
         trainer.add_callback(StreamToDriver(spec.events))
     return trainer
+
+
+def check_stream_resume(fs, checkpoint: str, num_workers: int) -> None:
+    """Driver-side: a checkpoint of a Ray Dataset run resumes only on as many workers (see
+    Trainer._check_resume_batch, which the workers run for the other cases)."""
+    import io
+
+    import pyarrow.fs as pafs
+
+    from .trainer import RUN_META, _other_order
+
+    if fs is None:
+        fs, checkpoint = pafs.LocalFileSystem(), os.path.abspath(checkpoint)
+    path = f"{checkpoint}/{RUN_META}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return
+    with fs.open_input_stream(path) as f:
+        meta = torch.load(io.BytesIO(f.read()), weights_only=True)
+    saved = (meta.get("data_position") or {}).get("order", "")
+    now = f"ray_data_split_{num_workers}"
+    if saved.startswith("ray_data_split_") and saved != now:
+        raise ValueError(f"{checkpoint} cannot resume with num_workers={num_workers}: "
+                         + _other_order(saved, now, meta["world_size"]) + ".")
 
 
 def _fit_id_of(checkpoint_dir: str) -> str | None:

@@ -562,13 +562,13 @@ class Trainer(transformers.Trainer):
     def _run_meta(self) -> dict:
         """raytrainer_run.pt: the world size and global batch of this run, and its data position in samples
         when raytrainer's sampler placed the data (a resume with another global batch starts there)."""
-        from .data import ResumableBatchSampler
-
         _, world = world_info()
         meta = {"world_size": world, "global_batch_size": self._global_batch_size(), "fit_id": self._fit_id}
-        sampler = getattr(getattr(self.callback_handler, "train_dataloader", None), "batch_sampler", None)
-        if isinstance(sampler, ResumableBatchSampler) and sampler.trained is not None:
-            meta["data_position"] = dict(sampler.trained)
+        loader = getattr(self.callback_handler, "train_dataloader", None)
+        # our sampler inside a DataLoader, or a Ray Data shard's loader itself (loop.build_train_dataloader)
+        trained = getattr(getattr(loader, "batch_sampler", loader), "trained", None)
+        if trained is not None:
+            meta["data_position"] = dict(trained)
         return meta
 
     def _check_resume_batch(self, checkpoint_dir: str, sampler=None) -> dict | None:
@@ -576,8 +576,6 @@ class Trainer(transformers.Trainer):
         a checkpoint without RUN_META: transformers' rule). With another global batch: the checkpoint's
         data position in samples, where this run's sampler resumes (loop.py); a ValueError when that
         position is unknown or this run's data cannot be placed at a sample."""
-        from .data import ResumableBatchSampler
-
         meta_file = os.path.join(checkpoint_dir, RUN_META)
         if not os.path.isfile(meta_file):
             return None
@@ -586,12 +584,15 @@ class Trainer(transformers.Trainer):
         if meta["global_batch_size"] == now:
             return None
         position = meta.get("data_position")
+        order = position and position.get("order", "permutation")  # older checkpoints: the sampler's
         if position is None:
-            why = ("it records no data position in samples (written by an older raytrainer, or its data was a "
-                   "Ray Dataset stream or a custom sampler / dataloader)")
-        elif not isinstance(sampler, ResumableBatchSampler):
-            why = ("this run's training data cannot be placed at a sample (a Ray Dataset stream, a subclass's "
-                   "get_train_dataloader / _get_train_sampler, or train_sampling_strategy='group_by_length')")
+            why = ("it records no data position in samples (written by an older raytrainer, or its data came "
+                   "from a custom sampler / dataloader)")
+        elif getattr(sampler, "order", None) is None:
+            why = ("this run's training data cannot be placed at a sample (a subclass's get_train_dataloader / "
+                   "_get_train_sampler, or train_sampling_strategy='group_by_length')")
+        elif order != sampler.order:
+            why = _other_order(order, sampler.order, meta["world_size"])
         elif position["num_samples"] != sampler.num_samples:
             why = (f"its epochs had {position['num_samples']} samples, this train_dataset has "
                    f"{sampler.num_samples}")
@@ -661,6 +662,18 @@ class SaveAwareCallbackHandler(transformers.trainer_callback.CallbackHandler):
 
 _CARD_ARGS = ("language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags", "dataset",
               "dataset_args")
+
+
+def _other_order(saved: str, now: str, saved_world: int) -> str:
+    """Why a data position in one epoch order means nothing in another (see data/sampling.py)."""
+    if saved.startswith("ray_data_split_") and now.startswith("ray_data_split_"):
+        return (f"its Ray Dataset was split over {saved_world} workers and this run's over "
+                f"{now.rsplit('_', 1)[1]}: the split deals other rows to each worker, so no sample of one run is "
+                f"a place in the other (keep num_workers={saved_world}; another per-device batch or accumulation "
+                "is fine)")
+    kinds = {"permutation": "a map-style dataset"}
+    return (f"its data was {kinds.get(saved, 'a Ray Dataset stream')} and this run's is "
+            f"{kinds.get(now, 'a Ray Dataset stream')}: their epochs order the samples differently")
 
 
 def _is_peft_model(model) -> bool:

@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec "${PYTHON:-python3}" -m pytest tests -q -p no:cacheprovider --timeout=900 "$@"
+exec "${PYTHON:-python3}" -m pytest tests -q -p no:cacheprovider --timeout=900 --durations=30 "$@"

@@ -228,17 +228,18 @@ class IdRecorder(torch.nn.Module):
         return {"loss": loss}
 
 
-def ray_data_training(out, ids_dir, callbacks=(), **kw):
+def ray_data_training(out, ids_dir, callbacks=(), resume_from_checkpoint=None, **kw):
     import ray.data
 
     ds = ray.data.range(1000).map(lambda r: {"id": r["id"], "x": r["id"] % 7, "labels": (r["id"] % 7) * 2.0})
     os.makedirs(ids_dir, exist_ok=True)
-    args = ray_args(out, 2, 50, gradient_accumulation_steps=1, save_steps=5, lr_scheduler_type="linear",
-                    warmup_steps=0, **kw)
+    kw = {"num_workers": 2, "per_device_train_batch_size": 50, **kw}
+    args = ray_args(out, kw.pop("num_workers"), kw.pop("per_device_train_batch_size"), gradient_accumulation_steps=1,
+                    save_steps=5, lr_scheduler_type="linear", warmup_steps=0, **kw)
     torch.manual_seed(0)
     trainer = raytrainer.Trainer(model=IdRecorder(str(ids_dir)), args=args, train_dataset=ds,
                                  callbacks=list(callbacks))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
 
 
@@ -278,6 +279,21 @@ def test_ray_data_killed_worker_resumes_mid_epoch_exactly(ray_data_run, tmp_path
     a, b = weights(trainer), weights(ray_data_run)
     for k in a:  # restarted from checkpoint-5, mid-epoch: the stream skips the 5 batches it had trained on
         assert torch.equal(a[k], b[k]), k
+
+
+def test_ray_data_resume_with_another_batch_continues_at_the_row(ray_data_run, tmp_path):
+    """checkpoint-15 (per-device batch 50: 250 rows into epoch 1 on each rank) resumed with a per-device batch
+    of 25 streams each rank's rows from its 251st on; on another worker count the driver refuses."""
+    checkpoint = os.path.join(ray_data_run.args.output_dir, "checkpoint-15")
+    trainer = ray_data_training(tmp_path / "run", tmp_path / "ids", per_device_train_batch_size=25,
+                                resume_from_checkpoint=checkpoint)
+    assert trainer.state.global_step == 15 + 250 // 25
+    for rank in (0, 1):
+        full = [int(i) for i in (ray_data_run.ids_dir / f"rank{rank}").read_text().split()]
+        resumed = [int(i) for i in (tmp_path / "ids" / f"rank{rank}").read_text().split()]
+        assert resumed == full[500 + 250:]
+    with pytest.raises(ValueError, match="split over 2 workers and this run's over 1.*keep num_workers=2"):
+        ray_data_training(tmp_path / "one", tmp_path / "ids1", num_workers=1, resume_from_checkpoint=checkpoint)
 
 
 def test_worker_exception_reaches_driver_with_its_type(ray_cluster, tmp_path):

@@ -77,3 +77,11 @@ def check_checkpoint_state(checkpoint_dir: str) -> dict:
     with open(path, encoding="utf-8") as f:
         return check_trainer_state_text(f.read(), path)
 
+
+def check_state_in_storage(fs, checkpoint: str) -> None:
+    """The same check for a checkpoint in storage (a pyarrow filesystem path, e.g. a bucket)."""
+    path = f"{checkpoint}/{TRAINER_STATE}"
+    if fs.get_file_info(path).type.name != "File":
+        raise ValueError(f"{checkpoint}: no {TRAINER_STATE}, so not a complete checkpoint; resume from another one.")
+    with fs.open_input_stream(path) as f:
+        check_trainer_state_text(f.read().decode("utf-8", errors="replace"), path)

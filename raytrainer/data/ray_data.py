@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import torch
 
+from .sampling import mark_trained, samples_before
+
 
 class RayShard:
     """Stands in for a ray.data.Dataset inside a worker's Trainer (train_dataset=RayShard(...))."""
@@ -25,6 +27,7 @@ class RayShard:
     def __init__(self, name: str, total_rows: int, world_size: int):
         self.name = name
         self.rows_per_shard = total_rows // world_size
+        self.world_size = world_size
 
     def __len__(self) -> int:  # rows this worker trains on per epoch
         return self.rows_per_shard
@@ -42,6 +45,26 @@ class RayShardLoader:
         # the Trainer's data_collator (padding, MLM masking...); None: the numpy columns become tensors as they are
         self.collate_fn = collate_fn
         self.start_batch = 0
+        # a data position in samples, as ResumableBatchSampler keeps one: each rank streams the same rows in
+        # the same order whatever its batch size, so a position holds for another per-device batch or
+        # accumulation, but not for another worker count (the split deals other rows to each rank)
+        self.world_size = shard.world_size
+        self.trained: dict | None = None
+        self.order = f"ray_data_split_{shard.world_size}"
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def num_samples(self) -> int:
+        return self.shard.rows_per_shard * self.world_size
+
+    def samples_before(self, batch: int) -> int:
+        return samples_before(self, batch)
+
+    def mark_trained(self, epoch: int, batches: int) -> None:
+        mark_trained(self, epoch, batches)
 
     def __len__(self) -> int:
         n = self.shard.rows_per_shard
@@ -50,6 +73,7 @@ class RayShardLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         # the shard streams the same rows in the same order every epoch: only the start moves
         self.start_batch = start_batch
+        self.mark_trained(epoch, start_batch)
 
     def __iter__(self):
         import ray.train

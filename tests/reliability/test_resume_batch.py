@@ -65,7 +65,7 @@ def test_checkpoint_records_its_data_position_in_samples(first):
     checkpoint, seen = first
     meta = torch.load(checkpoint / "raytrainer_run.pt", weights_only=True)
     assert meta["global_batch_size"] == 4 and meta["world_size"] == 1
-    assert meta["data_position"] == {"epoch": 0, "samples": 12, "num_samples": N}
+    assert meta["data_position"] == {"epoch": 0, "samples": 12, "num_samples": N, "order": "permutation"}
     assert seen == order(0)[:12]
 
 

@@ -10,7 +10,7 @@ import pytest
 from pyarrow import fs as pafs
 
 import raytrainer
-from raytrainer.ray_run import check_state_in_storage
+from raytrainer.checkpoint.state_check import check_state_in_storage
 
 try:
     from tests.helpers import lm_examples, tiny_gpt2
