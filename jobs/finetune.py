@@ -599,7 +599,10 @@ def make_model_init(where: str, task: str, num_labels: int | None, max_length: i
         if where == "tiny_gpt2":
             from transformers import GPT2Config, GPT2LMHeadModel
 
-            return GPT2LMHeadModel(GPT2Config(n_positions=max(64, max_length), **TINY_GPT2))
+            # its special tokens are the byte tokenizer's (GPT-2's 50256 is outside a 256-token vocabulary)
+            eos = ByteTokenizer.eos_token_id
+            return GPT2LMHeadModel(GPT2Config(n_positions=max(64, max_length), bos_token_id=eos, eos_token_id=eos,
+                                              **TINY_GPT2))
         if task == "causal_lm":
             from transformers import AutoModelForCausalLM
 
@@ -977,7 +980,16 @@ def _start_ray_if_needed(job: JobConfig, prepared_needs_ray: bool, tracking_env:
         kwargs["num_cpus"] = max(os.cpu_count() or 1, int(args.num_workers * per) + (2 if prepared_needs_ray else 0))
     if not sys.stdout.isatty():
         _no_colour()
+        if prepared_needs_ray:
+            # Ray Data logs plain progress lines on this process when stdout is no terminal, but its
+            # SplitCoordinator (Ray Train's data sharding, an actor) would send tqdm bars here to redraw
+            from ray.data import DataContext
+
+            DataContext.get_current().use_ray_tqdm = False
     ensure_ray(**kwargs)
+    from raytrainer.quiet import filter_worker_lines
+
+    filter_worker_lines()  # each warning once, whichever worker printed it (raytrainer/quiet.py)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -990,7 +1002,8 @@ def _no_colour() -> None:
 
     import ray  # noqa: F401 - its logger's handlers (holding the original stderr) are made on import
 
-    for handler in logging.getLogger("ray").handlers:
+    # transformers' handler too: its LOAD REPORT title is bold whatever the output is
+    for handler in logging.getLogger("ray").handlers + logging.getLogger("transformers").handlers:
         if not any(isinstance(f, _NoColour) for f in handler.filters):
             handler.addFilter(_NoColour())
     if not isinstance(sys.stdout, _PlainStream):
@@ -1086,6 +1099,9 @@ def run(job: JobConfig, found: dict) -> dict:
     needs_ray_data = args.num_workers > 0 and "train_file" in found["files"]
     if args.num_workers > 0 or job.search is not None:
         _pickle_by_value()
+        from raytrainer.quiet import job_logs
+
+        job_logs()  # one clean log: each warning once, from whichever process (raytrainer/quiet.py)
     _start_ray_if_needed(job, needs_ray_data, {**tracking_env, **_plain_log_env()})
     prepared = prepare(job, found)
     trainer = raytrainer.Trainer(
@@ -1111,7 +1127,8 @@ def run(job: JobConfig, found: dict) -> dict:
         plot = plot_run(trainer.state.log_history, os.path.join(out, "training_plot.png"), title=args.run_name)
         summary = {"global_step": result.global_step, "train_loss": result.training_loss, **metrics,
                    "output_dir": out, "final_model": out,
-                   "best_checkpoint": trainer.state.best_model_checkpoint, "plot": os.path.abspath(plot)}
+                   "best_checkpoint": trainer.state.best_model_checkpoint, "plot": os.path.abspath(plot),
+                   **in_storage(args, trainer.state.best_model_checkpoint)}
         if mlflow_run is not None:
             from raytrainer.tracking.mlflow import log_final_artifacts, run_url
 
@@ -1122,9 +1139,26 @@ def run(job: JobConfig, found: dict) -> dict:
     finally:
         if mlflow_run is not None:
             _end_run(mlflow_run.info.run_id)
-    print_summary(summary, [("final model", "final_model"), ("best checkpoint", "best_checkpoint"),
+    print_summary(summary, [("final model", "final_model"), ("final model URI", "final_model_uri"),
+                            ("checkpoints", "checkpoints"), ("best checkpoint", "best_checkpoint"),
                             ("plot", "plot"), ("MLflow run", "mlflow_run")])
     return summary
+
+
+def in_storage(args, best_checkpoint: str | None) -> dict:
+    """storage_path is a URI (s3://...): where the run's checkpoints and final_model/ are in it, as URIs
+    (the summary's "final model" is this machine's copy). Empty for a local storage_path or no Ray run."""
+    if args.num_workers < 1 or not args.storage_path or "://" not in args.storage_path:
+        return {}
+    from raytrainer.ray_run import FINAL_MODEL, storage_location
+
+    base, name = storage_location(args)
+    scheme = base.split("://", 1)[0]
+    run = f"{base}/{name}"
+    found = {"final_model_uri": f"{run}/{FINAL_MODEL}", "checkpoints": f"{run}/"}
+    if best_checkpoint and "://" not in best_checkpoint:  # a path inside the bucket's filesystem
+        found["best_checkpoint"] = f"{scheme}://{best_checkpoint.lstrip('/')}"
+    return found
 
 
 def _end_run(run_id: str) -> None:
@@ -1171,6 +1205,9 @@ def run_search(job: JobConfig, trainer, out: str) -> dict:
 
 
 def print_summary(summary: dict, rows) -> None:
+    from raytrainer.quiet import flush_worker_lines
+
+    flush_worker_lines()  # what Ray still holds of the workers' lines goes before the summary, not after
     print("\n=== raytrainer job summary ===", flush=True)
     for label, key in rows:
         if summary.get(key) is not None:

@@ -39,6 +39,7 @@ from .crossing import TrainerBlueprint, apply_final_state, final_state
 from .data.checks import check_train_dataset
 from .data.ray_data import is_ray_dataset
 from .event_stream import DriverStream, StreamToDriver
+from .quiet import worker_logs
 
 logger = logging.getLogger("raytrainer")
 FINAL_MODEL = "final_model"
@@ -354,6 +355,7 @@ def worker_main(config):
     import torch.distributed as dist
 
     spec: RunSpec = config["spec"]
+    worker_logs()  # one clean job log (quiet.py)
     apply_tracking_env(spec.tracking_env)
     entered = time.time()
     trainer = _build_worker_trainer(spec)
@@ -392,6 +394,7 @@ def eval_worker_main(config):
     import torch.distributed as dist
 
     spec: RunSpec = config["spec"]
+    worker_logs()  # one clean job log (quiet.py)
     apply_tracking_env(spec.tracking_env)
     trainer = _build_worker_trainer(spec)
     trainer.state = spec.driver_state

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -74,6 +75,7 @@ def test_ray_job_submit_on_two_nodes_with_s3_and_mlflow(two_node_cluster, s3_ser
     # the log: plain lines (no tqdm redraws, no escape codes), progress, the summary, no Ray noise
     assert "\r" not in logs and "\x1b[" not in logs, [line for line in logs.split("\n") if "\r" in line or "\x1b[" in line][:5]
     assert "PlacementGroupCleaner" not in logs
+    assert_one_clean_stream(logs)
     progress = [line for line in logs.splitlines() if line.startswith("[progress] step ")]
     assert progress and progress[-1].startswith("[progress] step 4/4 (100%)"), progress
     assert "samples/s" in progress[-1] and "loss " in progress[-1], progress
@@ -84,6 +86,10 @@ def test_ray_job_submit_on_two_nodes_with_s3_and_mlflow(two_node_cluster, s3_ser
     # a relative output_dir under a Ray job goes to the runs dir, not Ray's temporary copy of the repo
     assert summary["output_dir"] == str(runs_home / "tiny_gpt2")
     assert os.path.isfile(runs_home / "tiny_gpt2" / "model.safetensors")
+    # ...and where they are in the bucket
+    assert summary["final_model_uri"] == f"s3://{bucket}/runs/tiny_gpt2/final_model"
+    assert f"final model URI: s3://{bucket}/runs/tiny_gpt2/final_model" in logs
+    assert summary["checkpoints"] == f"s3://{bucket}/runs/tiny_gpt2/"
 
     # checkpoints and the final model are in the bucket
     fs = s3_server.filesystem()
@@ -111,3 +117,33 @@ def test_ray_job_submit_on_two_nodes_with_s3_and_mlflow(two_node_cluster, s3_ser
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "tiny_gpt2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
     assert {"training_plot.png", "model"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+RAY_PREFIX = re.compile(r"^\((?:[\w.]+ )?pid=\d+(?:, ip=[\d.]+)?\) ")
+
+
+def assert_one_clean_stream(logs: str) -> None:
+    """issue 11: each warning once (whichever process printed it), no per-rank copies, no Ray noise, and the
+    summary is the last thing of substance in the log."""
+    from raytrainer.quiet import warning_key
+
+    lines = [RAY_PREFIX.sub("", line) for line in logs.splitlines()]
+    # noise that is gone: Ray Train's PreemptionWatcher E-line, Ray's token notice for a token it found,
+    # the tiny GPT-2's out-of-vocabulary special tokens, lines Ray held back for deduplication
+    for noise in ("has constructor arguments in the object store", "Token authentication is enabled",
+                  "must be `None` or an integer within the vocabulary", "[repeated "):
+        assert noise not in logs, [line for line in lines if noise in line][:3]
+    keys = [warning_key(line) for line in lines]
+    repeated = {k for k in keys if k is not None and keys.count(k) > 1}
+    assert not repeated, repeated
+    # warnings that tell something stay, once (transformers' loss_type fallback for GPT2LMHeadModel, DDP's
+    # find_unused_parameters hint, torch's pin_memory notice on CPU)
+    for kept in ("find_unused_parameters=True was specified", "'pin_memory' argument is set as true"):
+        assert sum(kept in line for line in lines) <= 1, [line for line in lines if kept in line]
+    # Ray Train's lines about a checkpoint from rank 0 only: once per checkpoint
+    for start in ("Checkpoint successfully created at: ", "Reporting training result "):
+        about = [line.split(" from rank ")[0] for line in lines if line.startswith(start)]
+        assert len(about) == len(set(about)), about
+    # the summary is the end: after RAYTRAINER_RESULT nothing but blank lines
+    tail = lines[next(i for i, line in enumerate(lines) if line.startswith("RAYTRAINER_RESULT ")) + 1:]
+    assert not [line for line in tail if line.strip()], tail

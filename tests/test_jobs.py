@@ -224,3 +224,105 @@ def test_two_workers_read_and_tokenise_with_ray_data(job, tmp_path, ray_cluster,
     summary = job.main(argv)
     assert summary["global_step"] == 2 and summary["eval_loss"] > 0
     assert os.path.isfile(tmp_path / "model.safetensors") and os.path.isfile(tmp_path / "training_plot.png")
+
+
+# ------------------------------------------------------------------------------ one clean log stream
+RANK0_DDP = ("[rank0]:[W1124 07:22:54.635340958 reducer.cpp:1529] Warning: find_unused_parameters=True was specified "
+             "in DDP constructor, but did not find any unused parameters in the forward pass.")
+PIN = ("/x/torch/utils/data/dataloader.py:759: UserWarning: 'pin_memory' argument is set as true but no accelerator "
+       "is found, then device pinned memory won't be used.")
+
+
+def test_worker_warnings_reach_the_log_once():
+    """raytrainer/quiet.py on the driver: a warning any process prints shows once; other lines all show."""
+    from raytrainer.quiet import ShownOnce
+
+    shown = ShownOnce()
+    rank0 = [RANK0_DDP, PIN, "  super().__init__(loader)", "[transformers] \x1b[1mBert LOAD REPORT\x1b[0m from: m",
+             "Key | Status", "w | MISSING", "b | MISSING", "raytrainer: worker 0 entered the train function"]
+    assert shown.filter_lines(rank0) == rank0
+    rank1 = [RANK0_DDP.replace("[rank0]", "[rank1]").replace("54.635", "54.630"), PIN, "  super().__init__(loader)",
+             "[transformers] Bert LOAD REPORT from: m", "Key | Status", "b | MISSING", "w | MISSING", "{'step': 1}"]
+    assert shown.filter_lines(rank1) == ["{'step': 1}"]  # the table's rows in another order are the same table
+    other = PIN.replace("pin_memory", "other")
+    assert shown.filter_lines([other, "  super().__init__(loader)", "  super().__init__(loader)"]) == [
+        other, "  super().__init__(loader)", "  super().__init__(loader)"]
+    controller = ("[2026-11-24 07:22:53,278 E 5872 5970] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+                  "and ID: 'a2498d69f62d1179136b52d701000000' has constructor arguments in the object store and "
+                  "max_restarts > 0. If the arguments in the object store go out of scope or are lost, ...")
+    assert shown.filter_lines([controller, controller.replace("PreemptionWatcher", "MyActor")]) == [
+        controller.replace("PreemptionWatcher", "MyActor")]  # only Ray Train's own watcher
+
+
+def test_driver_warnings_once_with_the_workers(monkeypatch):
+    """The driver's own transformers warnings and Python warnings count too; errors always show."""
+    import io
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from raytrainer import quiet
+
+    monkeypatch.setattr(quiet, "shown", quiet.ShownOnce())
+    monkeypatch.setattr(quiet, "_original_showwarning", None)
+    hf_logging.get_logger()
+    monkeypatch.setattr(logging.getLogger(quiet.TOKEN_LOGGER), "filters", [])
+    out = io.StringIO()
+    for h in logging.getLogger("transformers").handlers:
+        monkeypatch.setattr(h, "filters", list(h.filters))
+        monkeypatch.setattr(h, "stream", out)
+    shown_warnings = []
+    with warnings.catch_warnings():  # puts warnings.showwarning back at the end
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: shown_warnings.append(str(message))
+        quiet.job_logs()
+        log = hf_logging.get_logger("transformers.modeling_utils")
+        log.warning("`loss_type=None` was set in the config but it is unrecognized.")
+        log.warning("`loss_type=None` was set in the config but it is unrecognized.")
+        log.error("an error")
+        log.error("an error")
+        warnings.warn("once only", UserWarning)
+        warnings.warn("once only", UserWarning)
+    err = out.getvalue()
+    assert err.count("loss_type=None") == 1 and err.count("an error") == 2, err
+    assert shown_warnings == ["once only"]
+    # a worker's copy of a warning the driver printed is dropped
+    assert quiet.shown.filter_lines(["[transformers] `loss_type=None` was set in the config but it is unrecognized.",
+                                     "x.py:1: UserWarning: once only", '  warnings.warn("once only", UserWarning)',
+                                     "kept"]) == ["kept"]
+    # Ray's own notice that it turned token auth on says nothing; its "disabled" warning stays
+    token = logging.getLogger(quiet.TOKEN_LOGGER)
+    record = token.makeRecord(token.name, logging.WARNING, __file__, 1, "Token authentication is enabled for this Ray "
+                              "cluster. Set RAY_AUTH_MODE=disabled to opt out.", (), None)
+    assert not token.filter(record)
+    record.msg = "Token authentication is disabled for this Ray cluster. Anyone with network access ..."
+    assert token.filter(record)
+
+
+def test_worker_keeps_ray_train_checkpoint_lines_of_rank_0_only(monkeypatch):
+    import logging
+
+    from raytrainer import quiet
+
+    storage = logging.getLogger("ray.train.v2._internal.execution.storage")
+    monkeypatch.setattr(storage, "filters", [])
+    line = "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/o/checkpoint-2)"
+
+    def shows(message, level=logging.INFO):
+        return bool(storage.filter(storage.makeRecord(storage.name, level, __file__, 1, message, (), None)))
+
+    quiet.worker_logs(rank=0)
+    assert shows(line)
+    quiet.worker_logs(rank=1)
+    assert not shows(line) and shows("something else") and shows(line, logging.ERROR)
+
+
+def test_summary_names_the_bucket(job, tmp_path):
+    cfg, _ = job.load_config(["--config", os.path.join(CONFIGS, "tiny_gpt2.yaml"), "--storage_path", "s3://bkt/runs",
+                              "--output_dir", str(tmp_path / "tiny_gpt2")])
+    found = job.in_storage(cfg.training_args, "bkt/runs/tiny_gpt2/checkpoint-4")
+    assert found == {"final_model_uri": "s3://bkt/runs/tiny_gpt2/final_model", "checkpoints": "s3://bkt/runs/tiny_gpt2/",
+                     "best_checkpoint": "s3://bkt/runs/tiny_gpt2/checkpoint-4"}
+    cfg, _ = job.load_config(["--config", os.path.join(CONFIGS, "tiny_gpt2.yaml"), "--output_dir", str(tmp_path)])
+    assert job.in_storage(cfg.training_args, None) == {}

@@ -27,10 +27,13 @@ def retry_bound_s() -> float:
     return float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
 
 
-def with_retries(call, what: str, where: str, bound_s: float | None = None):
-    """call() until it succeeds; OSError (pyarrow's S3 errors) is retried with backoff within bound_s."""
+def with_retries(call, what: str, where: str, bound_s: float | None = None, first_wait_s: float = FIRST_WAIT_S,
+                 warn_after_s: float = 0.0):
+    """call() until it succeeds; OSError (pyarrow's S3 errors) is retried with backoff within bound_s.
+    A failure within warn_after_s of the first call is expected (waiting for another rank): no warning."""
     bound_s = retry_bound_s() if bound_s is None else bound_s
-    deadline, wait = time.monotonic() + bound_s, FIRST_WAIT_S
+    start = time.monotonic()
+    deadline, wait = start + bound_s, first_wait_s
     while True:
         try:
             return call()
@@ -42,7 +45,8 @@ def with_retries(call, what: str, where: str, bound_s: float | None = None):
                 last = str(e).replace("AWS Error", "AWS error")
                 raise OSError(f"storage {where}: {what} still failing after {bound_s:g} s of retries "
                               f"({RETRY_ENV}); last error: {last}") from e
-            logger.warning("raytrainer: storage %s: %s failed (%s); retrying in %.0f s", where, what, e, wait)
+            if time.monotonic() - start >= warn_after_s:
+                logger.warning("raytrainer: storage %s: %s failed (%s); retrying in %.1f s", where, what, e, wait)
             time.sleep(wait)  # backoff between attempts, not synchronisation
             wait = min(wait * 2, MAX_WAIT_S)
 
@@ -61,8 +65,8 @@ def upload_checkpoint(local_dir: str, fs, dest: str, rank: int, world_size: int,
     """Copy local_dir to dest in fs; see the module docstring for the order and the retries."""
     deadline = time.monotonic() + (retry_bound_s() if bound_s is None else bound_s)
 
-    def retried(call, what):
-        return with_retries(call, what, dest, max(0.0, deadline - time.monotonic()))
+    def retried(call, what, **kw):
+        return with_retries(call, what, dest, max(0.0, deadline - time.monotonic()), **kw)
 
     files, last = [], None
     for root, _, names in os.walk(local_dir):
@@ -82,7 +86,9 @@ def upload_checkpoint(local_dir: str, fs, dest: str, rank: int, world_size: int,
         return
     others = [_marker(dest, r) for r in range(1, world_size)]
     # the other ranks upload in their own processes: poll storage for their markers
-    retried(lambda: _require_files(fs, others), "waiting for the other ranks' files")
+    # polled briefly at first (the others are usually a moment behind); a warning only after a while
+    retried(lambda: _require_files(fs, others), "waiting for the other ranks' files", first_wait_s=0.05,
+            warn_after_s=MAX_WAIT_S)
     if last is not None:
         retried(lambda: _put(fs, os.path.join(local_dir, last), f"{dest}/{last}"), f"upload of {last}")
     for path in others:
