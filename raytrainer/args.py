@@ -4,7 +4,7 @@ It subclasses `transformers.TrainingArguments`, so every name, type and default 
 and `isinstance(args, transformers.TrainingArguments)` holds for existing callbacks. What we add:
 
 * Ray fields (`num_workers`, `use_gpu`, `resources_per_worker`, `strategy`, `storage_path`,
-  `storage_filesystem`, `max_failures`, `save_in_background`).
+  `storage_filesystem`, `max_failures`, `max_preemption_failures`, `save_in_background`).
 * `validate()`: value checks, run at construction and again by `Trainer()` and `train()` (on the
   driver, before any Ray resource is taken); every error names the field and the fix.
 * `check_supported()`: run by `train()`; a field the raytrainer loop does not honour (fields.py,
@@ -63,6 +63,10 @@ class TrainingArguments(transformers.TrainingArguments):
     storage_path: str | None = field(default=None, metadata={"help": "Local path or s3://bucket/prefix for checkpoints."})
     storage_filesystem: Any = field(default=None, metadata={"help": "An explicit pyarrow.fs.FileSystem."})
     max_failures: int = field(default=0, metadata={"help": "Worker-group restarts Ray may do; -1 for unlimited."})
+    max_preemption_failures: int = field(
+        default=-1, metadata={"help": "Restarts after a node preemption (a drained node: a spot instance's notice), "
+                                      "counted apart from max_failures; -1 for unlimited (Ray's default)."}
+    )
     save_in_background: bool = field(
         default=True, metadata={"help": "Write checkpoints in a background thread after an in-memory snapshot."}
     )
@@ -219,6 +223,9 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"num_workers={self.num_workers!r} must be an int >= 0 (0 = run in this process).")
         if self.max_failures is None or self.max_failures < -1:
             raise ValueError(f"max_failures={self.max_failures!r} must be >= 0, or -1 for unlimited restarts.")
+        if self.max_preemption_failures is None or self.max_preemption_failures < -1:
+            raise ValueError(f"max_preemption_failures={self.max_preemption_failures!r} must be >= 0, or -1 for "
+                             "unlimited restarts after a node preemption.")
         if self.resources_per_worker is not None:
             if not isinstance(self.resources_per_worker, dict) or any(
                 not isinstance(v, (int, float)) or v < 0 for v in self.resources_per_worker.values()
@@ -283,10 +290,6 @@ class TrainingArguments(transformers.TrainingArguments):
             for field_name in REFUSED
             for name, value in self._refused_settings(field_name)
         ]
-        if self.enable_jit_checkpoint and self.num_workers > 0:
-            problems.append("enable_jit_checkpoint=True with num_workers >= 1 is not supported by raytrainer yet: Ray "
-                            "stops and restarts the workers itself; checkpoint with save_steps and set max_failures "
-                            "(a restarted run resumes from the latest checkpoint).")
         if self.auto_find_batch_size and self.num_workers > 1:
             # an out-of-memory error on one rank would leave the others waiting in a collective
             problems.append(f"auto_find_batch_size=True with num_workers={self.num_workers} is not supported by "

@@ -180,8 +180,11 @@ HONOURED: dict[str, str] = {
     "storage_filesystem": _STORAGE,
     "max_failures": "Ray `FailureConfig(max_failures)`: restarts resume from the latest checkpoint",
     "save_in_background": "checkpoint/writer.py: in-process checkpoints are written by a thread",
+    "max_preemption_failures": "Ray `FailureConfig(max_preemption_failures)`: restarts after a node preemption",
     "enable_jit_checkpoint": ("in-process: transformers' SIGTERM handler saves checkpoint-<step> at the next step "
-                              "boundary and stops; refused with num_workers >= 1 (use max_failures)"),
+                              "boundary and stops; num_workers >= 1: Ray Train's preemption notice (a drained node, "
+                              "`ray.train.get_preemption_info()`) saves checkpoint-<step> at the next optimizer step "
+                              "and the restart resumes there (preemption.py)"),
     "evaluate_on": "trainer.py: evaluate/predict in this process after a Ray train() (auto), or on a worker group",
     "nonfinite_steps": "loop.py: a step with a NaN/inf gradient norm is skipped (counted), stops the run, or is applied",
 }

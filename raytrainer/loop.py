@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 from .checkpoint.pickle_check import check_checkpoint_pickles
 from .data import ResumableBatchSampler
 from .data.ray_data import RayShard, RayShardLoader
+from .preemption import RayPreemption
 from .strategies import build_strategy
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ class TrainingLoop:
         self.t = trainer
         self.args = trainer.args
         self.rank, self.world_size = world_info()
+        self.preemption = None  # enable_jit_checkpoint on a Ray worker: Ray's preemption notice (preemption.py)
 
     # ------------------------------------------------------------------ data
     def build_train_dataloader(self):
@@ -220,6 +222,7 @@ class TrainingLoop:
         for attr in ("model", "optimizer", "lr_scheduler"):
             setattr(t.callback_handler, attr, getattr(t, attr))
         t.callback_handler.train_dataloader = train_dataloader
+        self.preemption = RayPreemption.for_trainer(t)
         self.log_banner(model, num_examples, num_train_epochs, num_update_steps_per_epoch, total_train_batch_size,
                         max_steps, resume_from_checkpoint, epochs_trained, steps_trained_in_current_epoch)
 
@@ -412,8 +415,12 @@ class TrainingLoop:
                     if sampler is not None:
                         sampler.mark_trained(epoch, step + 1)  # the data position a checkpoint now records
                     t.control = t.callback_handler.on_step_end(args, t.state, t.control)
+                    # every rank asks Ray (a collective) at every optimizer step; a notice asks for a save
+                    preempted = self.preemption.before_save(t) if self.preemption is not None else None
                     t._maybe_log_save_evaluate(t._tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval,
                                                start_time, learning_rate=learning_rate)
+                    if preempted is not None:  # checkpoint-<global_step> reported; Ray restarts the group from it
+                        self.preemption.park(t, model, trial, preempted)
                 else:
                     t.control = t.callback_handler.on_substep_end(args, t.state, t.control)
                 if t.control.should_epoch_stop or t.control.should_training_stop:

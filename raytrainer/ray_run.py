@@ -203,7 +203,9 @@ def _fit(args, entry, spec, name, base, fs, datasets):
         ),
         run_config=RunConfig(
             name=name, storage_path=base, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=args.max_failures),
+            # a node preemption (drain) restarts against its own budget, not max_failures
+            failure_config=FailureConfig(max_failures=args.max_failures,
+                                         max_preemption_failures=args.max_preemption_failures),
             # Ray keeps every checkpoint; rank 0 rotates them as transformers does (newest N plus the best)
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),

@@ -100,6 +100,12 @@ class Trainer(transformers.Trainer):
         # transformers' __init__ refuses fsdp outside a distributed launch ("only works in distributed
         # training"): the driver is not one; strategies/fsdp.py shards on the workers
         fsdp, args.fsdp = args.fsdp, None
+        # with Ray workers a preemption notice is a node drain that the loop watches (preemption.py), not a
+        # SIGTERM: transformers' JITCheckpointCallback would hold a SIGTERM handler on the driver (and could not
+        # cross to the workers), and on a worker signal.signal raises (Ray Train runs train() in a thread)
+        jit = args.enable_jit_checkpoint
+        if args.num_workers > 0:
+            args.enable_jit_checkpoint = False
         try:
             super().__init__(
                 model=model, args=args, data_collator=data_collator,
@@ -111,6 +117,7 @@ class Trainer(transformers.Trainer):
             )
         finally:
             args.fsdp = fsdp
+            args.enable_jit_checkpoint = jit
         if ray_data:
             self.train_dataset = train_dataset
         # on_save waits for the checkpoint folder to be complete (see SaveAwareCallbackHandler)

@@ -96,9 +96,10 @@ def test_every_refused_field_is_named_at_once(tmp_path):
                 accelerator_config={"even_batches": False})
     with pytest.raises(ValueError) as caught:
         args.check_supported()
-    for name in ("dataloader_in_order=False", "enable_jit_checkpoint=True with num_workers",
-                 "accelerator_config.even_batches=False"):
+    for name in ("dataloader_in_order=False", "accelerator_config.even_batches=False"):
         assert name in str(caught.value)
+    # enable_jit_checkpoint with Ray workers is honoured (Ray Train's preemption notice, preemption.py)
+    assert "enable_jit_checkpoint" not in str(caught.value)
 
 
 def test_refused_field_set_after_construction_is_refused_at_train(tmp_path):

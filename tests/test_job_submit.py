@@ -138,7 +138,8 @@ def assert_one_clean_stream(logs: str) -> None:
     assert not repeated, repeated
     # warnings that tell something stay, once (transformers' loss_type fallback for GPT2LMHeadModel, DDP's
     # find_unused_parameters hint, torch's pin_memory notice on CPU)
-    for kept in ("find_unused_parameters=True was specified", "'pin_memory' argument is set as true"):
+    # (and MLflow's "View run ... at: <url>" once: the driver's, not rank 0's as well)
+    for kept in ("find_unused_parameters=True was specified", "'pin_memory' argument is set as true", "View run "):
         assert sum(kept in line for line in lines) <= 1, [line for line in lines if kept in line]
     # Ray Train's lines about a checkpoint from rank 0 only: once per checkpoint
     for start in ("Checkpoint successfully created at: ", "Reporting training result "):

@@ -246,6 +246,8 @@ def driver_env(output_dir: str | None = None) -> dict[str, str]:
         name = _fluent_experiment_name(env.get("MLFLOW_TRACKING_URI"))
         if name:
             env["MLFLOW_EXPERIMENT_NAME"] = name
+    # the driver prints the run's "View run ... at: <url>" line when it ends the run; rank 0 would print it too
+    env["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return env
 
 
