@@ -272,11 +272,6 @@ class TrainingArguments(transformers.TrainingArguments):
             from .strategies.fsdp import check_wrap_policy
 
             check_wrap_policy(None, self.fsdp_config)
-        if self.strategy in ("fsdp", "deepspeed") and self.load_best_model_at_end:
-            raise ValueError(
-                f"load_best_model_at_end=True with strategy={self.strategy!r} is not supported yet: after training, "
-                "load trainer.state.best_model_checkpoint's model.safetensors with from_pretrained."
-            )
 
     # ------------------------------------------------------------------ refusals
     def check_supported(self) -> "TrainingArguments":

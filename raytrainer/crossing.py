@@ -56,12 +56,18 @@ class TrainerBlueprint:
 
     def build(self):
         """On a worker: a Trainer of the user's class, as the driver's stood at the call."""
-        from .trainer import Trainer
+        from .trainer import WORKER_TRAINS, Trainer
 
         trainer = self.trainer_cls.__new__(self.trainer_cls)
         # before __init__ too: an overridden hook that __init__ calls may read the subclass's attributes
         trainer.__dict__.update(self.user_attrs)
-        Trainer.__init__(trainer, callbacks=None, **self.ctor)
+        # a Trainer built to train (it has a train_dataset; evaluate/predict runs have none) calls model_init
+        # again in train(): __init__'s call builds a meta skeleton on a worker (Trainer.call_model_init)
+        token = WORKER_TRAINS.set(self.ctor.get("train_dataset") is not None)
+        try:
+            Trainer.__init__(trainer, callbacks=None, **self.ctor)
+        finally:
+            WORKER_TRAINS.reset(token)
         trainer.__dict__.update(self.user_attrs)
         # the driver's list exactly (its defaults, report_to integrations, removals), minus display
         trainer.callback_handler.callbacks = list(self.callbacks)

@@ -40,6 +40,7 @@ from .data.checks import check_train_dataset
 from .data.ray_data import is_ray_dataset
 from .event_stream import DriverStream, StreamToDriver
 from .quiet import worker_logs
+from .strategies.build import is_skeleton
 
 logger = logging.getLogger("raytrainer")
 FINAL_MODEL = "final_model"
@@ -95,6 +96,7 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
     from .strategies import check_resume
 
     check_resume(args, resume, fs if resume_in_storage else None)  # e.g. ZeRO state of another worker count
+    check_best_model_loadable(trainer)
 
     overrides = {"train_dataset": None} if datasets else {}
     if trainer.model_init is not None:
@@ -106,7 +108,7 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
     with DriverStream(trainer) as stream:
         spec.events = stream.box
         _fit(args, worker_main, spec, name, base, fs, datasets)
-    if any(p.is_meta for p in trainer.model.parameters()):
+    if is_skeleton(trainer.model):
         # the driver held a skeleton while the workers trained (call_model_init): now the trained model
         trainer.model = transformers.Trainer.call_model_init(trainer, trial)
     output = load_results(trainer, fs, run_dir)
@@ -124,7 +126,7 @@ def run_eval_on_ray(trainer, method: str, dataset, ignore_keys, metric_key_prefi
     storage_path, name = storage_location(args)
     name = f"{name}_{method}"  # its own Ray run: the training run's checkpoint state stays untouched
     fs, base, run_dir = _storage_for(args, storage_path, name)
-    if any(p.is_meta for p in trainer.model.parameters()):  # a skeleton (Trainer.call_model_init): workers build it
+    if is_skeleton(trainer.model):  # a skeleton (Trainer.call_model_init): workers build it
         blueprint = _blueprint(trainer, train_dataset=None, model=None)
     else:
         blueprint = _blueprint(trainer, train_dataset=None, model=trainer.model, model_init=None)
@@ -473,6 +475,19 @@ def _build_worker_trainer(spec: RunSpec):
     if dist.get_rank() == 0 and spec.events is not None:
         trainer.add_callback(StreamToDriver(spec.events))
     return trainer
+
+
+def check_best_model_loadable(trainer) -> None:
+    """load_best_model_at_end under fsdp / deepspeed loads consolidated weights, which a PEFT model's
+    checkpoints do not hold (the adapter only): refused before the workers start."""
+    from .trainer import _is_peft_model
+
+    args = trainer.args
+    if args.load_best_model_at_end and args.strategy in ("fsdp", "deepspeed") and _is_peft_model(trainer.model):
+        raise ValueError(
+            f"load_best_model_at_end=True with a PEFT model under strategy={args.strategy!r} is not supported: its "
+            "checkpoints hold the adapter only. Set load_best_model_at_end=False and, after training, load the "
+            "adapter of trainer.state.best_model_checkpoint (model.load_adapter(path, adapter_name=...)).")
 
 
 def check_stream_resume(fs, checkpoint: str, num_workers: int) -> None:

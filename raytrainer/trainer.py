@@ -16,8 +16,10 @@ callbacks and its evaluate/predict are transformers' own. What it replaces:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -38,11 +40,14 @@ from .loop import TrainingLoop, world_info
 from .redact import save_args_without_secrets
 from .data.ray_data import is_ray_dataset
 from .strategies.base import is_lomo
+from .strategies.build import is_skeleton
 from .fast_start import skip_unused_deepspeed_import
 
 skip_unused_deepspeed_import()  # ~1 s off every process's first Trainer() when DeepSpeed is installed
 
 logger = logging.getLogger("raytrainer")
+# set while a Ray worker that will train builds its Trainer (crossing.py): __init__'s model_init builds a skeleton
+WORKER_TRAINS = contextvars.ContextVar("raytrainer_worker_trains", default=False)
 RUN_META = "raytrainer_run.pt"  # world size, global batch and data position of the run that wrote a checkpoint
 # attributes transformers' Trainer sets after __init__ (while training or evaluating): never the user's
 LAZY_BASE_ATTRS = {
@@ -203,7 +208,7 @@ class Trainer(transformers.Trainer):
         if args.evaluate_on == "workers":
             return True
         reasons = []
-        if args.strategy != "ddp" or any(p.is_meta for p in self.model.parameters()):
+        if args.strategy != "ddp" or is_skeleton(self.model):
             reasons.append(f'strategy={args.strategy!r} shards the model over the workers')
         if args.use_gpu and not torch.cuda.is_available():
             reasons.append("use_gpu=True but this process has no GPU")
@@ -496,10 +501,27 @@ class Trainer(transformers.Trainer):
     # ------------------------------------------------------------------ sharded models: a skeleton on the driver
     def call_model_init(self, trial=None):
         """Under fsdp / deepspeed with Ray workers the driver builds model_init's model on the meta device:
-        a skeleton (names, shapes, config) for the driver's checks; each worker builds the real model."""
+        a skeleton (names, shapes, config) for the driver's checks; each worker builds the real model.
+
+        On a worker that trains, transformers' two calls (in __init__ and again in train()) make one real
+        build: __init__'s is a skeleton. Under fsdp / ZeRO-3 train()'s builds only this rank's shard
+        (strategies/build.py; rank 0 also builds the full model once, the source of every shard)."""
+        self._rt_sharded_build = None
         if self._skeleton_on_driver():
             with torch.device("meta"):
                 return super().call_model_init(trial)
+        if self._skeleton_on_worker():
+            try:
+                with torch.device("meta"):
+                    return super().call_model_init(trial)
+            except Exception as e:  # noqa: BLE001 - a model_init that cannot build on meta: build it for real
+                logger.debug("raytrainer: model_init on the meta device failed (%s: %s); building it", type(e).__name__, e)
+                return super().call_model_init(trial)
+        kind = self._sharded_build_kind()
+        if kind is not None:
+            from .strategies.build import build_sharded
+
+            return build_sharded(self, functools.partial(super().call_model_init, trial), kind)
         return super().call_model_init(trial)
 
     def _skeleton_on_driver(self) -> bool:
@@ -509,8 +531,31 @@ class Trainer(transformers.Trainer):
         return args.num_workers > 0 and args.strategy in ("fsdp", "deepspeed") and not self._in_worker and \
             not (dist.is_available() and dist.is_initialized())
 
+    def _skeleton_on_worker(self) -> bool:
+        """In __init__ on a Ray worker that will train: train() calls model_init again (as transformers does)."""
+        import torch.distributed as dist
+
+        return WORKER_TRAINS.get() and not getattr(self, "is_in_train", False) and \
+            dist.is_available() and dist.is_initialized()
+
+    def _sharded_build_kind(self) -> str | None:
+        """train()'s model_init on a Ray worker whose strategy shards the weights: "fsdp" / "zero3"."""
+        import torch.distributed as dist
+
+        if not (self._in_worker and getattr(self, "is_in_train", False) and dist.is_available()
+                and dist.is_initialized()):
+            return None
+        from .strategies.build import sharded_kind
+
+        return sharded_kind(self.args)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if model is None and getattr(self, "_rt_sharded_build", None) is not None:
+            return  # built shard by shard: the strategy loads the weights into the shards (its load_checkpoint)
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def _move_model_to_device(self, model, device):
-        if any(p.is_meta for p in model.parameters()):
+        if is_skeleton(model):
             return  # a skeleton (see call_model_init): nothing to move
         super()._move_model_to_device(model, device)
 
@@ -621,6 +666,9 @@ class Trainer(transformers.Trainer):
 
     def _load_best_model(self):
         self._finish_saves(block=True)
+        strategy = getattr(self, "_strategy", None)
+        if strategy is not None and strategy.sharded:
+            return self._load_best_sharded(strategy)
         if self._ray is None:
             return super()._load_best_model()
         rank, _ = world_info()
@@ -633,6 +681,20 @@ class Trainer(transformers.Trainer):
         finally:
             shutil.rmtree(os.path.dirname(self.state.best_model_checkpoint), ignore_errors=True)
             self.state.best_model_checkpoint = in_storage
+
+    def _load_best_sharded(self, strategy):
+        """fsdp / deepspeed: every rank joins; rank 0 reads the best checkpoint's consolidated model.safetensors
+        and the strategy fills the shards (or partitions) from it."""
+        rank, _ = world_info()
+        best, local, fetched = self.state.best_model_checkpoint, None, False
+        if rank == 0:
+            logger.info(f"Loading best model from {best} (score: {self.state.best_metric}).")  # transformers' line
+            local, fetched = (self._ray.fetch(best), True) if self._ray is not None else (best, False)
+        try:
+            strategy.load_best_weights(self, local)
+        finally:
+            if fetched:
+                shutil.rmtree(os.path.dirname(local), ignore_errors=True)
 
 
 @dataclasses.dataclass

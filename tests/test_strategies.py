@@ -18,6 +18,12 @@ within rtol 1e-5, weights within atol 1e-5 (measured 1e-6: gloo's sum order). A 
 another worker count is a driver-side error. A killed worker under FSDP (and ZeRO-2), restarting
 from the run's own checkpoint: test_strategies_peft.py.
 
+Model building: every run builds its model with model_init (the first run's is DDP's model), so the
+matching losses also say that the workers' shard-by-shard build (strategies/build.py) gives the unsharded
+weights; each model_init call records where it ran and how many parameter elements it materialised
+(test_workers_build_only_their_shard_once). The build itself, on 2 plain gloo processes without Ray:
+test_sharded_build_gives_the_unsharded_weights (bit for bit, ~18 s).
+
 Cost: 6 Ray runs (one train and one resume per sharded strategy, ZeRO-3's with a restart). DDP under
 Ray (train, resume, another worker count, a killed worker) is tested in test_ray_train.py.
 """
@@ -110,9 +116,12 @@ def run(request, ray_cluster, tmp_path_factory):
     if name.startswith("zero"):
         pytest.importorskip("deepspeed", reason="DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed")
     out = tmp_path_factory.mktemp(name) / "run"
-    trainer = raytrainer.Trainer(model=tiny_gpt2(dropout=0.0), args=strategy_args(out, **STRATEGIES[name]),
-                                 train_dataset=lm_examples(N_EXAMPLES))
+    # model_init builds DDP's model (tiny_gpt2(dropout=0.0)): each worker builds it shard by shard
+    first_record = tmp_path_factory.mktemp(name + "_first_init") / "model_init.log"
+    trainer = raytrainer.Trainer(model_init=RecordingInit(str(first_record), seed=0),
+                                 args=strategy_args(out, **STRATEGIES[name]), train_dataset=lm_examples(N_EXAMPLES))
     trainer.train()
+    trainer.first_init_record = read_record(first_record)
     ckpt4 = os.path.join(out, "checkpoint-4")
     files4 = sorted(os.listdir(ckpt4))
     trainer.name, trainer.files4, trainer.resumed = name, files4, None
@@ -129,22 +138,39 @@ def run(request, ray_cluster, tmp_path_factory):
                                                     **STRATEGIES[name], **extra),
                                  train_dataset=lm_examples(N_EXAMPLES), callbacks=callbacks)
     resumed.train(resume_from_checkpoint=ckpt4)
-    trainer.resumed, trainer.init_record = resumed, record.read_text().split()
+    trainer.resumed, trainer.init_record = resumed, read_record(record)
     trainer.kill_dir = kill_dir
     return trainer
 
 
 class RecordingInit:
-    """model_init that appends "<pid>:<device of its parameters>" to a file wherever it runs."""
+    """model_init that appends a JSON line to a file wherever it runs: pid, rank (-1 outside a process
+    group), the device of its parameters, and how many parameter elements it materialised ("real": a
+    ZeRO-3 partition counts its own slice, a meta tensor nothing) of the model's "total"."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, seed=7):
+        self.path, self.seed = path, seed
 
     def __call__(self, trial=None):
-        model = tiny_gpt2(dropout=0.0, seed=7)
+        import json
+
+        import torch.distributed as dist
+
+        model = tiny_gpt2(dropout=0.0, seed=self.seed)
+        params = list(model.parameters())
+        real = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0 if p.is_meta else p.numel() for p in params)
+        total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else -1
+        line = dict(pid=os.getpid(), rank=rank, device=params[0].device.type, real=real, total=total)
         with open(self.path, "a") as f:
-            f.write(f"{os.getpid()}:{next(model.parameters()).device.type}\n")
+            f.write(json.dumps(line) + "\n")
         return model
+
+
+def read_record(path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.ray
@@ -215,6 +241,35 @@ def test_fsdp_without_a_matching_layer_class_fails_on_the_driver(tmp_path, monke
         trainer.train()
 
 
+def gpt2_without_dropout():
+    return tiny_gpt2(dropout=0.0)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("name", ["fsdp", "zero3_offload"])
+def test_load_best_model_at_end_fills_the_shards_with_the_best_checkpoint(ray_cluster, tmp_path, name):
+    """eval_loss with greater_is_better=True makes the first evaluation's checkpoint-4 the best (the loss
+    falls): the final model is checkpoint-4's weights, not the last step's, as transformers' would be."""
+    from safetensors.torch import load_file
+
+    if name.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed")
+    out = tmp_path / "run"
+    args = strategy_args(out, **STRATEGIES[name], load_best_model_at_end=True, eval_strategy="steps", eval_steps=4,
+                         metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = raytrainer.Trainer(model_init=gpt2_without_dropout, args=args,
+                                 train_dataset=lm_examples(N_EXAMPLES), eval_dataset=lm_examples(8, seed=3))
+    trainer.train()
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert trainer.state.global_step == 8 and evals[0] > evals[-1], evals
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
+    best, last = load_file(out / "checkpoint-4" / "model.safetensors"), load_file(out / "checkpoint-8" / "model.safetensors")
+    final = trainer.model.state_dict()
+    for k in best:
+        assert torch.equal(final[k].float(), best[k].float()), k
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+
+
 def test_strategy_field_conflicts_fail_at_construction(tmp_path):
     with pytest.raises(ValueError, match="fsdp and deepspeed are both set"):
         strategy_args(tmp_path, fsdp=True, deepspeed={"zero_optimization": {"stage": 2}})
@@ -222,26 +277,57 @@ def test_strategy_field_conflicts_fail_at_construction(tmp_path):
         strategy_args(tmp_path, strategy="deepspeed")
     with pytest.raises(ValueError, match="auto_wrap_policy"):
         strategy_args(tmp_path, strategy="fsdp", fsdp_config={"auto_wrap_policy": "SIZE_BASED_WRAP"})
-    with pytest.raises(ValueError, match="load_best_model_at_end"):
-        strategy_args(tmp_path, strategy="fsdp", load_best_model_at_end=True, eval_strategy="steps",
-                      save_strategy="steps", eval_steps=4)
 
 
 @pytest.mark.ray
 def test_the_driver_builds_only_a_meta_skeleton_of_a_sharded_model(run):
     """model_init with fsdp / ZeRO: real parameters only on the workers while they train; the driver's
     one real build is the trained model it receives at the end."""
-    driver = str(os.getpid())
-    calls = [line.split(":") for line in run.init_record]
-    assert [device for pid, device in calls if pid == driver][:1] == ["meta"], calls
-    workers = [(pid, device) for pid, device in calls if pid != driver]
-    attempts = 2 if run.name in KILLED_RESUMES else 1  # a restarted worker group builds the model again
-    workers_per_attempt = 1 if run.name in ONE_WORKER_RESUMES else 2
-    assert len({pid for pid, _ in workers}) == workers_per_attempt * attempts, calls
-    assert {device for _, device in workers} == {"cpu"}, calls
-    assert calls[-1] == [driver, "cpu"]  # after the workers finished: the trained weights, loaded on the driver
-    assert [pid for pid, device in calls if pid == driver and device == "cpu"] == [driver]
+    for calls in (run.first_init_record, run.init_record):
+        driver = [c for c in calls if c["rank"] == -1]
+        assert driver[0]["device"] == "meta" and driver[0]["real"] == 0, calls
+        assert calls[-1]["rank"] == -1 and calls[-1]["real"] == calls[-1]["total"]  # the trained weights, after
+        assert [c for c in driver if c["real"]] == [calls[-1]], calls
     assert not any(p.is_meta for p in run.resumed.model.parameters())
+
+
+def worker_builds(calls) -> dict:
+    """pid -> that worker's model_init calls, in order (a restarted worker group has new pids)."""
+    out = {}
+    for c in calls:
+        if c["rank"] >= 0:
+            out.setdefault(c["pid"], []).append(c)
+    return out
+
+
+@pytest.mark.ray
+def test_workers_build_only_their_shard_once(run):
+    """On a worker, transformers' two model_init calls (Trainer.__init__ and train()) make one real build:
+    __init__'s is a meta skeleton. fsdp: rank 0 builds the full model once (the source every shard is
+    filled from, dropped once they are), the other ranks only a meta skeleton and then their shard.
+    ZeRO-3: every rank builds under deepspeed.zero.Init and holds its partition (1/world_size), plus on
+    rank 0 the full reference build. ZeRO-2 keeps all weights on every rank: one full build each. The
+    weights are those of the unsharded build: test_sharded_losses_match_ddp (this run's losses, with
+    DDP's model from this model_init)."""
+    runs = [(run.first_init_record, 2, 1)]  # (calls, workers per attempt, attempts)
+    runs.append((run.init_record, 1 if run.name in ONE_WORKER_RESUMES else 2, 2 if run.name in KILLED_RESUMES else 1))
+    for calls, world, attempts in runs:
+        builds = worker_builds(calls)
+        assert len(builds) == world * attempts, calls
+        for pid, mine in builds.items():
+            rank, total = mine[0]["rank"], mine[0]["total"]
+            assert mine[0]["device"] == "meta" and mine[0]["real"] == 0, mine  # Trainer.__init__'s skeleton
+            train_time = [(c["device"], c["real"]) for c in mine[1:]]
+            if run.name == "fsdp":
+                expected = [("cpu", total), ("meta", 0)] if rank == 0 else [("meta", 0)]
+                assert train_time == expected, mine
+            elif run.name.startswith("zero3"):
+                reference = [("cpu", total)] if rank == 0 else []
+                assert train_time[:-1] == reference, mine
+                device, real = train_time[-1]  # under zero.Init: this rank's partition only
+                assert device == "cpu" and 0 < real <= total // world + 64, mine
+            else:
+                assert train_time == [("cpu", total)], mine
 
 
 @pytest.mark.ray
@@ -289,3 +375,92 @@ def test_resume_on_another_worker_count(run, tmp_path):
     message = _fast_value_error(trainer, "partitioned over 2 data-parallel ranks", resume_from_checkpoint=ckpt4)
     assert "this run has 1 (num_workers=1)" in message and "num_workers=2" in message
     assert "ds_to_universal" in message and "load_universal" in message
+
+
+# ------------------------------------------------------------------ the sharded build itself (2 processes, no Ray)
+def _sharded_build_rank(out_dir: str) -> None:
+    """One rank of test_sharded_build_gives_the_unsharded_weights (RANK / WORLD_SIZE / MASTER_* set)."""
+    import json
+
+    import torch.distributed as dist
+    from transformers import set_seed
+
+    from raytrainer.strategies.build import build_sharded
+    from raytrainer.strategies.fsdp import FSDPStrategy
+
+    dist.init_process_group("gloo")
+    rank, result = dist.get_rank(), {}
+    reference = tiny_gpt2(seed=7, dropout=0.0)  # the unsharded build
+    for kind, extra in (("fsdp", STRATEGIES["fsdp"]), ("zero3", {"deepspeed": {"zero_optimization": {"stage": 3}}})):
+        if kind == "zero3":
+            try:
+                import deepspeed
+            except ImportError:
+                continue
+        args = strategy_args(os.path.join(out_dir, kind), **extra)
+        holder = type("T", (), {"args": args})()
+
+        def model_init():
+            torch.randn(3)  # model_init draws from the global RNG: every rank must end with rank 0's state
+            return tiny_gpt2(seed=7, dropout=0.0)
+
+        set_seed(42)
+        model = build_sharded(holder, model_init, kind)
+        draw = torch.rand(4).tolist()  # what training would draw next (dropout...)
+        if kind == "fsdp":
+            strategy = FSDPStrategy(torch.device("cpu"), "no", fsdp_config=args.fsdp_config)
+            holder.model, holder.create_optimizer = model, lambda: None
+            model = strategy.prepare(holder, max_steps=1)  # fully_shard, to_empty, filled from rank 0's build
+            held = sum(p.to_local().numel() for p in model.parameters())
+            full = strategy.full_state_dict(model)
+        else:
+            held = sum(p.ds_tensor.numel() for p in model.parameters())
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                full = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        equal = None if full is None else sorted(k for k, v in reference.state_dict().items()
+                                                 if not torch.equal(full[k], v))
+        result[kind] = {"held": held, "draw": draw, "not_equal": equal,
+                        "reference_kept": holder._rt_sharded_build.reference is not None}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_sharded_build_gives_the_unsharded_weights(tmp_path):
+    """strategies/build.py on 2 gloo ranks (plain processes): fsdp's meta skeleton filled from rank 0's build,
+    and ZeRO-3's zero.Init partitions filled from it, hold half the parameters each and equal the unsharded
+    build bit for bit; every rank then draws the random numbers an unsharded build's rank would."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"import sys; sys.path.insert(0, {root!r}); from tests.test_strategies import _sharded_build_rank; " \
+           f"_sharded_build_rank({str(tmp_path)!r})"
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    total = sum(p.numel() for p in tiny_gpt2().parameters())
+    with torch.random.fork_rng():
+        torch.manual_seed(42)  # transformers' set_seed, then model_init, then training's first draw
+        torch.randn(3)
+        tiny_gpt2(seed=7, dropout=0.0)
+        draw = torch.rand(4).tolist()
+    for kind in results[0]:
+        for rank, result in enumerate(results):
+            mine = result[kind]
+            assert mine["held"] == total // 2, (kind, rank, mine["held"], total)
+            assert mine["draw"] == draw, (kind, rank)
+            assert not mine["reference_kept"]  # fsdp's reference is dropped once the shards are filled
+        # full_state_dict gathers on rank 0 (fsdp); ZeRO-3's GatheredParameters on every rank
+        assert results[0][kind]["not_equal"] == [], kind

@@ -112,3 +112,13 @@ def test_lora_adapter_checkpoints_resume_after_a_kill_and_reach_the_driver(name,
     assert any(not torch.equal(before[k], got[k]) for k in got)  # it trained
     for k in got:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_load_best_model_at_end_with_a_sharded_adapter_is_refused_on_the_driver(tmp_path):
+    """Checkpoints of a sharded PEFT run hold the adapter only: no consolidated weights to load back."""
+    args = lora_args(tmp_path / "run", fsdp="full_shard auto_wrap", load_best_model_at_end=True, eval_strategy="steps",
+                     eval_steps=2, save_steps=2)
+    trainer = raytrainer.Trainer(model=lora_model(), args=args, train_dataset=lm_examples(8),
+                                 eval_dataset=lm_examples(4, seed=3))
+    with pytest.raises(ValueError, match="load_best_model_at_end=True with a PEFT model under strategy='fsdp'"):
+        trainer.train()

@@ -107,6 +107,11 @@ class Strategy:
         """Resume: optimizer and scheduler state (the weights were loaded by transformers' train())."""
         trainer._load_optimizer_and_scheduler(folder)
 
+    def load_best_weights(self, trainer, folder: str | None) -> None:
+        """load_best_model_at_end for a sharded strategy, a collective: `folder` (rank 0's local copy of the best
+        checkpoint; None on the other ranks) holds the consolidated model.safetensors every sharded save writes."""
+        raise NotImplementedError(f"{type(self).__name__} loads the best model through transformers")
+
     def scaler_state(self) -> dict | None:
         return self.scaler.state_dict() if self.scaler is not None else None
 

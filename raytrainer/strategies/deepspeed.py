@@ -270,6 +270,11 @@ class DeepSpeedStrategy(Strategy):
         if not glob.glob(os.path.join(folder, "global_step*")):
             logger.warning("raytrainer: %s has no DeepSpeed state (global_step*/): weights resumed, optimizer state "
                            "starts fresh", folder)
+            if getattr(trainer, "_rt_sharded_build", None) is not None:
+                # built under zero.Init: transformers' train() skipped the weights; into the partitions here
+                from .build import load_full_weights_zero3
+
+                load_full_weights_zero3(self.engine.module, folder)
         else:
             # the driver checked a checkpoint it could see; a restart or a storage path is checked here
             check_checkpoint_world_size(self.args, folder, dist.get_world_size())
@@ -282,3 +287,18 @@ class DeepSpeedStrategy(Strategy):
             from .fsdp import _load_scheduler
 
             _load_scheduler(trainer, folder)
+
+    def load_best_weights(self, trainer, folder):
+        from .build import load_full_weights_zero3, read_full_weights
+
+        module = self.engine.module
+        if self.stage == 3:  # partitioned parameters: gathered one at a time, rank 0's values kept
+            load_full_weights_zero3(module, folder)
+            return
+        # ZeRO-0/1/2: every rank holds the whole module; rank 0 reads and broadcasts
+        full = read_full_weights(folder) if dist.get_rank() == 0 else None
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if full is not None and name in full:
+                    p.data.copy_(full[name].to(p.device, p.dtype))
+                dist.broadcast(p.data, src=0)

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .base import Strategy
+from .build import is_skeleton
 
 MODEL_DIR = "model_dcp"
 OPTIMIZER_DIR = "optim_dcp"
@@ -95,6 +96,15 @@ class FSDPStrategy(Strategy):
     # --- setup -------------------------------------------------------------
     def prepare(self, trainer, max_steps):
         model = self.setup_model(trainer.model)
+        build = getattr(trainer, "_rt_sharded_build", None)
+        if build is not None and build.kind == "fsdp" and is_skeleton(model):
+            # model_init's model, built as a meta skeleton (strategies/build.py): allocate this rank's
+            # shards only, filled from rank 0's reference build
+            from .build import fill_fsdp
+
+            offload = _true(self.config.get("cpu_offload")) or _true(self.config.get("offload_params"))
+            fill_fsdp(model, build.reference, torch.device("cpu") if offload else self.device)
+            build.reference = None
         # after sharding: the optimizer must hold the sharded (DTensor) parameters
         trainer.create_optimizer()
         return model
@@ -160,7 +170,12 @@ class FSDPStrategy(Strategy):
 
         model, optimizer = trainer.model_wrapped, trainer.optimizer
         if not os.path.isdir(os.path.join(folder, OPTIMIZER_DIR)):
-            # a checkpoint without sharded state (DDP's, transformers'): the weights are loaded already
+            # a checkpoint without sharded state (DDP's, transformers'): transformers' train() loaded the
+            # weights, unless the model was built shard by shard (then they are loaded into the shards here)
+            if getattr(trainer, "_rt_sharded_build", None) is not None:
+                from .build import load_full_weights_fsdp
+
+                load_full_weights_fsdp(model, folder)
             return Strategy.load_checkpoint(self, trainer, folder)
         options = _options(model)
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
@@ -169,6 +184,12 @@ class FSDPStrategy(Strategy):
         dcp.load({"optimizer": optim_state}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
         _load_scheduler(trainer, folder)
+
+
+    def load_best_weights(self, trainer, folder):
+        from .build import load_full_weights_fsdp
+
+        load_full_weights_fsdp(trainer.model_wrapped, folder)  # rank 0 reads, the shards are filled from it
 
 
 def _options(model):
