@@ -201,7 +201,7 @@ class TrainingLoop:
         if t._created_lr_scheduler:
             t.lr_scheduler = None
             t._created_lr_scheduler = False
-        if getattr(t, "_rt_sharded_build", None) is None:  # a model built shard by shard: the strategy places it
+        if getattr(t, "_sharded_build", None) is None:  # a model built shard by shard: the strategy places it
             t.model.to(device)
         # the optimizer and the wrapped / sharded model, in the order the strategy needs
         model = strategy.prepare(t, max_steps)

@@ -506,7 +506,7 @@ class Trainer(transformers.Trainer):
         On a worker that trains, transformers' two calls (in __init__ and again in train()) make one real
         build: __init__'s is a skeleton. Under fsdp / ZeRO-3 train()'s builds only this rank's shard
         (strategies/build.py; rank 0 also builds the full model once, the source of every shard)."""
-        self._rt_sharded_build = None
+        self._sharded_build = None
         if self._skeleton_on_driver():
             with torch.device("meta"):
                 return super().call_model_init(trial)
@@ -550,7 +550,7 @@ class Trainer(transformers.Trainer):
         return sharded_kind(self.args)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if model is None and getattr(self, "_rt_sharded_build", None) is not None:
+        if model is None and getattr(self, "_sharded_build", None) is not None:
             return  # built shard by shard: the strategy loads the weights into the shards (its load_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 

@@ -47,7 +47,7 @@ def is_skeleton(model) -> bool:
 
 @dataclasses.dataclass
 class ShardedBuild:
-    """Set on the trainer (`_rt_sharded_build`) by a sharded build; the strategy reads it."""
+    """Set on the trainer (`_sharded_build`) by a sharded build; the strategy reads it."""
 
     kind: str                                   # "fsdp" or "zero3"
     reference: torch.nn.Module | None = None    # fsdp, rank 0: the real model, until the shards are filled
@@ -77,7 +77,7 @@ def build_sharded(trainer, build, kind: str):
         fill_zero3(model, reference)
         reference = None
     set_rng_state(rng)
-    trainer._rt_sharded_build = ShardedBuild(kind, reference)
+    trainer._sharded_build = ShardedBuild(kind, reference)
     return model
 
 

@@ -270,7 +270,7 @@ class DeepSpeedStrategy(Strategy):
         if not glob.glob(os.path.join(folder, "global_step*")):
             logger.warning("raytrainer: %s has no DeepSpeed state (global_step*/): weights resumed, optimizer state "
                            "starts fresh", folder)
-            if getattr(trainer, "_rt_sharded_build", None) is not None:
+            if getattr(trainer, "_sharded_build", None) is not None:
                 # built under zero.Init: transformers' train() skipped the weights; into the partitions here
                 from .build import load_full_weights_zero3
 

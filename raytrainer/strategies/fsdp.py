@@ -96,7 +96,7 @@ class FSDPStrategy(Strategy):
     # --- setup -------------------------------------------------------------
     def prepare(self, trainer, max_steps):
         model = self.setup_model(trainer.model)
-        build = getattr(trainer, "_rt_sharded_build", None)
+        build = getattr(trainer, "_sharded_build", None)
         if build is not None and build.kind == "fsdp" and is_skeleton(model):
             # model_init's model, built as a meta skeleton (strategies/build.py): allocate this rank's
             # shards only, filled from rank 0's reference build
@@ -172,7 +172,7 @@ class FSDPStrategy(Strategy):
         if not os.path.isdir(os.path.join(folder, OPTIMIZER_DIR)):
             # a checkpoint without sharded state (DDP's, transformers'): transformers' train() loaded the
             # weights, unless the model was built shard by shard (then they are loaded into the shards here)
-            if getattr(trainer, "_rt_sharded_build", None) is not None:
+            if getattr(trainer, "_sharded_build", None) is not None:
                 from .build import load_full_weights_fsdp
 
                 load_full_weights_fsdp(model, folder)
