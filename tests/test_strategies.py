@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -444,6 +445,10 @@ def _sharded_build_rank(out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
+    # done: skip the interpreter's teardown, where a thread DeepSpeed's comm backend leaves behind aborts
+    # the process about half the time ("terminate called without an active exception")
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def test_sharded_build_gives_the_unsharded_weights(tmp_path):
