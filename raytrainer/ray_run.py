@@ -493,19 +493,11 @@ def check_best_model_loadable(trainer) -> None:
 def check_stream_resume(fs, checkpoint: str, num_workers: int) -> None:
     """Driver-side: a checkpoint of a Ray Dataset run resumes only on as many workers (see
     Trainer._check_resume_batch, which the workers run for the other cases)."""
-    import io
+    from .trainer import _other_order, load_run_meta
 
-    import pyarrow.fs as pafs
-
-    from .trainer import RUN_META, _other_order
-
-    if fs is None:
-        fs, checkpoint = pafs.LocalFileSystem(), os.path.abspath(checkpoint)
-    path = f"{checkpoint}/{RUN_META}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    meta = load_run_meta(checkpoint, fs)
+    if meta is None:
         return
-    with fs.open_input_stream(path) as f:
-        meta = torch.load(io.BytesIO(f.read()), weights_only=True)
     saved = (meta.get("data_position") or {}).get("order", "")
     now = f"ray_data_split_{num_workers}"
     if saved.startswith("ray_data_split_") and saved != now:
@@ -514,10 +506,10 @@ def check_stream_resume(fs, checkpoint: str, num_workers: int) -> None:
 
 
 def _fit_id_of(checkpoint_dir: str) -> str | None:
-    from .trainer import RUN_META
+    from .trainer import load_run_meta
 
-    meta = os.path.join(checkpoint_dir, RUN_META)
-    return torch.load(meta, weights_only=True).get("fit_id") if os.path.isfile(meta) else None
+    meta = load_run_meta(checkpoint_dir)
+    return None if meta is None else meta.get("fit_id")
 
 
 def _fetch_checkpoint(spec: RunSpec, path_in_storage: str) -> str:

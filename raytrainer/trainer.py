@@ -628,10 +628,9 @@ class Trainer(transformers.Trainer):
         a checkpoint without RUN_META: transformers' rule). With another global batch: the checkpoint's
         data position in samples, where this run's sampler resumes (loop.py); a ValueError when that
         position is unknown or this run's data cannot be placed at a sample."""
-        meta_file = os.path.join(checkpoint_dir, RUN_META)
-        if not os.path.isfile(meta_file):
+        meta = load_run_meta(checkpoint_dir)
+        if meta is None:
             return None
-        meta = torch.load(meta_file, weights_only=True)
         now = self._global_batch_size()
         if meta["global_batch_size"] == now:
             return None
@@ -675,26 +674,36 @@ class Trainer(transformers.Trainer):
         if rank != 0:  # only rank 0's weights leave the worker group
             return None
         in_storage = self.state.best_model_checkpoint
-        self.state.best_model_checkpoint = self._ray.fetch(in_storage)
-        try:
-            return super()._load_best_model()
-        finally:
-            shutil.rmtree(os.path.dirname(self.state.best_model_checkpoint), ignore_errors=True)
-            self.state.best_model_checkpoint = in_storage
+        with self._best_checkpoint_here() as local:
+            self.state.best_model_checkpoint = local
+            try:
+                return super()._load_best_model()
+            finally:
+                self.state.best_model_checkpoint = in_storage
 
     def _load_best_sharded(self, strategy):
         """fsdp / deepspeed: every rank joins; rank 0 reads the best checkpoint's consolidated model.safetensors
         and the strategy fills the shards (or partitions) from it."""
         rank, _ = world_info()
-        best, local, fetched = self.state.best_model_checkpoint, None, False
-        if rank == 0:
-            logger.info(f"Loading best model from {best} (score: {self.state.best_metric}).")  # transformers' line
-            local, fetched = (self._ray.fetch(best), True) if self._ray is not None else (best, False)
-        try:
+        if rank != 0:
+            return strategy.load_best_weights(self, None)
+        logger.info(f"Loading best model from {self.state.best_model_checkpoint} "
+                    f"(score: {self.state.best_metric}).")  # transformers' line
+        with self._best_checkpoint_here() as local:
             strategy.load_best_weights(self, local)
+
+    @contextlib.contextmanager
+    def _best_checkpoint_here(self):
+        """state.best_model_checkpoint as a local folder: fetched from Ray storage (and removed afterwards), or
+        the folder itself in-process."""
+        if self._ray is None:
+            yield self.state.best_model_checkpoint
+            return
+        local = self._ray.fetch(self.state.best_model_checkpoint)
+        try:
+            yield local
         finally:
-            if fetched:
-                shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+            shutil.rmtree(os.path.dirname(local), ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -731,6 +740,22 @@ class SaveAwareCallbackHandler(transformers.trainer_callback.CallbackHandler):
 
 _CARD_ARGS = ("language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags", "dataset",
               "dataset_args")
+
+
+def load_run_meta(checkpoint: str, fs=None) -> dict | None:
+    """A checkpoint's RUN_META (a local folder, or a path in a pyarrow filesystem), None when it has none."""
+    if fs is None:
+        path = os.path.join(checkpoint, RUN_META)
+        return torch.load(path, weights_only=True) if os.path.isfile(path) else None
+    import io
+
+    import pyarrow.fs as pafs
+
+    path = f"{checkpoint}/{RUN_META}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=True)
 
 
 def _other_order(saved: str, now: str, saved_world: int) -> str:

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from .sampling import mark_trained, samples_before
+from .sampling import DataPosition
 
 
 class RayShard:
@@ -33,7 +33,7 @@ class RayShard:
         return self.rows_per_shard
 
 
-class RayShardLoader:
+class RayShardLoader(DataPosition):
     """A dataloader-like view of this worker's shard with a length, epochs and a start position."""
 
     def __init__(self, shard: RayShard, batch_size: int, columns: set[str] | None, drop_last: bool = False,
@@ -49,7 +49,6 @@ class RayShardLoader:
         # the same order whatever its batch size, so a position holds for another per-device batch or
         # accumulation, but not for another worker count (the split deals other rows to each rank)
         self.world_size = shard.world_size
-        self.trained: dict | None = None
         self.order = f"ray_data_split_{shard.world_size}"
 
     @property
@@ -59,12 +58,6 @@ class RayShardLoader:
     @property
     def num_samples(self) -> int:
         return self.shard.rows_per_shard * self.world_size
-
-    def samples_before(self, batch: int) -> int:
-        return samples_before(self, batch)
-
-    def mark_trained(self, epoch: int, batches: int) -> None:
-        mark_trained(self, epoch, batches)
 
     def __len__(self) -> int:
         n = self.shard.rows_per_shard

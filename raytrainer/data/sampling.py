@@ -27,7 +27,30 @@ def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> to
     return torch.randperm(n, generator=generator)
 
 
-class ResumableBatchSampler(Sampler[list[int]]):
+class DataPosition:
+    """A data position in samples, shared by ResumableBatchSampler and a Ray Data shard's loader (ray_data.py).
+
+    The class provides global_batch_size, num_samples (per epoch, all ranks), __len__ (batches per
+    epoch) and `order`, naming how an epoch's samples are ordered (a resume continues only in the same
+    order); `trained` is the position a checkpoint records.
+    """
+
+    trained: dict | None = None
+
+    def samples_before(self, batch: int) -> int:
+        """How far into the epoch's order the global batches before `batch` reach."""
+        return min(batch * self.global_batch_size, self.num_samples)
+
+    def mark_trained(self, epoch: int, batches: int) -> None:
+        """The loop has stepped the optimizer on the first `batches` batches of `epoch` (the DataLoader may
+        have fetched more: prefetching), so a checkpoint taken now resumes after them."""
+        if batches >= len(self):
+            epoch, batches = epoch + 1, 0  # a finished epoch is the next one's start, whatever the batch
+        self.trained = {"epoch": epoch, "samples": self.samples_before(batches), "num_samples": self.num_samples,
+                        "order": self.order}
+
+
+class ResumableBatchSampler(Sampler[list[int]], DataPosition):
     """Yields this rank's index batches for one epoch, starting at `start_batch`."""
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, *, rank: int = 0, world_size: int = 1,
@@ -41,7 +64,6 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.epoch = 0
         self.start_batch = 0
-        self.trained: dict | None = None  # the data position of the optimizer state (see mark_trained)
         self.order = "permutation"  # of (seed, epoch): the same for any batch size and worker count
 
     @property
@@ -52,12 +74,6 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
         self.start_batch = start_batch
         self.mark_trained(epoch, start_batch)
-
-    def samples_before(self, batch: int) -> int:
-        return samples_before(self, batch)
-
-    def mark_trained(self, epoch: int, batches: int) -> None:
-        mark_trained(self, epoch, batches)
 
     def __len__(self) -> int:
         """Batches per epoch: the same on every rank, so no rank waits on a collective alone."""
@@ -76,20 +92,3 @@ class ResumableBatchSampler(Sampler[list[int]]):
             # a short last batch is split as evenly as possible; the loss is normalised by the global
             # item count, so uneven slices still give the one-worker gradient
             yield chunk.tensor_split(self.world_size)[self.rank].tolist()
-
-
-# A data position in samples, shared by this sampler and a Ray Data shard's loader (ray_data.py): both
-# have batch_size, world_size, global_batch_size, num_samples (per epoch, all ranks), __len__, `trained`,
-# and an `order` naming how an epoch's samples are ordered (a resume continues only in the same order).
-def samples_before(positioned, batch: int) -> int:
-    """How far into the epoch's order the global batches before `batch` reach."""
-    return min(batch * positioned.global_batch_size, positioned.num_samples)
-
-
-def mark_trained(positioned, epoch: int, batches: int) -> None:
-    """The loop has stepped the optimizer on the first `batches` batches of `epoch` (the DataLoader may
-    have fetched more: prefetching), so a checkpoint taken now resumes after them."""
-    if batches >= len(positioned):
-        epoch, batches = epoch + 1, 0  # a finished epoch is the next one's start, whatever the batch
-    positioned.trained = {"epoch": epoch, "samples": samples_before(positioned, batches),
-                          "num_samples": positioned.num_samples, "order": positioned.order}

@@ -185,7 +185,6 @@ class FSDPStrategy(Strategy):
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
         _load_scheduler(trainer, folder)
 
-
     def load_best_weights(self, trainer, folder):
         from .build import load_full_weights_fsdp
 
