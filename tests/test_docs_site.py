@@ -2,6 +2,7 @@
 
 Snippet markers (an HTML comment on the line before a fenced block):
   <!-- runnable -->      run here: python blocks with python, bash blocks with bash, each in a fresh folder
+  <!-- runnable: ray --> a python block run in this process on the session's Ray cluster (one tiny run)
   <!-- cluster-only -->  needs a cluster, a registry or a network; never run, but checked for syntax
 Every python block is compiled and every bash block goes through `bash -n`, marked or not.
 """
@@ -20,8 +21,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
-FENCE = re.compile(r"^(?:<!-- (?P<marker>[\w-]+) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)^```$", re.M | re.S)
-MARKERS = {"runnable", "cluster-only"}
+FENCE = re.compile(r"^(?:<!-- (?P<marker>[\w: -]+?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)^```$", re.M | re.S)
+MARKERS = {"runnable", "runnable: ray", "cluster-only"}
 # pages other branches write; mkdocs.yml lists them in a commented block that is enabled at merge
 OTHER_BRANCHES = {"compatibility.md", "trl.md", "sharded-loading.md", "jobs.md", "trust-checkpoints.md",
                   "trust-secrets-and-runs.md", "gpu-check.md"}
@@ -36,7 +37,7 @@ def _snippets() -> list[tuple[str, str | None, str, str]]:
     out = []
     for path in _markdown_files():
         text = path.read_text(encoding="utf-8")
-        for stray in re.finditer(r"<!-- (runnable|cluster-only) -->\n(?!```)", text):
+        for stray in re.finditer(r"<!-- (runnable|runnable: ray|cluster-only) -->\n(?!```)", text):
             pytest.fail(f"{path.name}: a {stray.group(1)} marker not followed by a fenced block")
         for m in FENCE.finditer(text):
             out.append((path.name, m.group("marker"), m.group("lang"), m.group("body")))
@@ -139,3 +140,16 @@ def test_runnable_snippet(name, lang, code, tmp_path):
     command = [sys.executable, "-"] if lang == "python" else ["bash", "-euo", "pipefail", "-s"]
     result = subprocess.run(command, input=code, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"{name}:\n{code}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+
+
+def _ray_snippets() -> list[str]:
+    return [code for _, marker, lang, code in _snippets() if marker == "runnable: ray" and lang == "python"]
+
+
+@pytest.mark.ray
+def test_ray_snippet(ray_cluster, tmp_path, monkeypatch):
+    """The quick start's 2-worker run, in this process: it reuses the session's Ray instead of starting one."""
+    (code,) = _ray_snippets()
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "quickstart.md", "exec"), {"__name__": "__snippet__"})
+    assert (tmp_path / "out" / "two-workers").is_dir()
