@@ -65,9 +65,10 @@ def coerce_args(args) -> TrainingArguments:
         return TrainingArguments(output_dir="trainer_output")
     if isinstance(args, TrainingArguments):
         return args
-    if isinstance(args, transformers.TrainingArguments):
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
-        return TrainingArguments(**values)
+    if isinstance(args, transformers.TrainingArguments):  # a subclass (TRL's configs) keeps its own fields
+        from .layer import to_ray_args
+
+        return to_ray_args(args)
     raise ValueError(f"args must be a raytrainer.TrainingArguments (got {type(args).__name__}).")
 
 

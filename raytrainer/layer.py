@@ -1,0 +1,86 @@
+"""The Ray layer for any transformers.Trainer subclass: `on_ray(SomeTrainer)`, `ray_args(SomeConfig)`.
+
+`raytrainer.Trainer` *is* the layer: a subclass of transformers.Trainer that overrides train(), the
+training step's backward, checkpoint saving and evaluate/predict routing, and calls transformers for
+everything else. `on_ray(X)` puts it directly above transformers.Trainer in X's MRO:
+
+    on_ray(trl.SFTTrainer).__mro__ == (SFTTrainer, trl.SFTTrainer, trl._BaseTrainer,
+                                       raytrainer.Trainer, transformers.Trainer, object)
+
+so X's own overrides (compute_loss, training_step, log, _save_checkpoint ...) stay first and reach ours
+through their `super()` calls, as they reach transformers' today. A user who subclasses
+`raytrainer.Trainer` gets the same shape; `on_ray(transformers.Trainer) is raytrainer.Trainer`.
+
+`ray_args(C)` does the same for a TrainingArguments subclass: `C` first (its fields, defaults and
+__post_init__), then raytrainer.TrainingArguments (the Ray fields, validate(), the driver-not-worker
+hardware checks), then transformers'. A plain `C` instance given to a layered Trainer is converted to
+`ray_args(C)` with the same values (num_workers=0 unless set), as transformers.TrainingArguments is.
+
+Where a subclass's __init__ work happens (the design the driver/worker split must keep): **once, on the
+driver.** The user constructs X on the driver; X.__init__ tokenises, packs, builds reference models,
+collators and its callbacks, then calls transformers' __init__ (through ours). At train() the driver's
+Trainer, as it stands, crosses to the workers (crossing.TrainerBlueprint): the constructor attributes
+(the *prepared* datasets, the collator, the model), the callback list (X's own included) and every
+attribute X set. Each worker builds an X with transformers' __init__ only (our layer's), never X.__init__
+again: no second tokenisation, no second reference model, no second set of callbacks, and X's
+signature may hold arguments the worker does not have. The spec this needs is only the class, the
+constructor attributes and the user attributes; a worker module that builds from a spec keeps it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import transformers
+
+from .args import TrainingArguments
+from .trainer import Trainer
+
+
+@functools.lru_cache(maxsize=None)
+def on_ray(trainer_cls: type) -> type:
+    """`trainer_cls` with raytrainer's Ray layer under it (see the module docstring); same name and API.
+
+    Its constructor is `trainer_cls`'s; its args may be `ray_args(...)` of its config class to set the Ray
+    fields (num_workers, storage_path, ...)."""
+    if not isinstance(trainer_cls, type) or not issubclass(trainer_cls, transformers.Trainer):
+        raise TypeError(f"on_ray() takes a transformers.Trainer subclass (got {trainer_cls!r}).")
+    if issubclass(trainer_cls, Trainer):
+        return trainer_cls
+    if trainer_cls is transformers.Trainer:
+        return Trainer
+    layered = type(trainer_cls.__name__, (trainer_cls, Trainer), {
+        "__module__": trainer_cls.__module__, "__qualname__": trainer_cls.__qualname__,
+        "__doc__": trainer_cls.__doc__,
+    })
+    # transformers.Trainer must stay right after our layer: a subclass's super() calls then pass through it
+    mro = layered.__mro__
+    assert mro.index(Trainer) + 1 == mro.index(transformers.Trainer), mro
+    return layered
+
+
+@functools.lru_cache(maxsize=None)
+def ray_args(args_cls: type) -> type:
+    """`args_cls` (a TrainingArguments subclass) with raytrainer's Ray fields and checks; same name and fields."""
+    if not isinstance(args_cls, type) or not issubclass(args_cls, transformers.TrainingArguments):
+        raise TypeError(f"ray_args() takes a transformers.TrainingArguments subclass (got {args_cls!r}).")
+    if issubclass(args_cls, TrainingArguments):
+        return args_cls
+    if args_cls is transformers.TrainingArguments:
+        return TrainingArguments
+    # args_cls first: its field defaults win over transformers' (e.g. SFTConfig's learning_rate=2e-5), and its
+    # __post_init__ runs first, then ours, then transformers'
+    cls = type(args_cls.__name__, (args_cls, TrainingArguments), {
+        "__module__": args_cls.__module__, "__qualname__": args_cls.__qualname__, "__doc__": args_cls.__doc__,
+    })
+    return dataclasses.dataclass(cls)
+
+
+def to_ray_args(args):
+    """A plain TrainingArguments (sub)class instance as its ray_args() class, with the same field values."""
+    cls = ray_args(type(args))
+    if isinstance(args, cls):
+        return args
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(type(args)) if f.init}
+    return cls(**values)
