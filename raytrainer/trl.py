@@ -41,7 +41,25 @@ DPOConfig = _named(ray_args(trl.DPOConfig), "DPOConfig")
 RewardConfig = _named(ray_args(trl.RewardConfig), "RewardConfig")
 GRPOConfig = _named(ray_args(trl.GRPOConfig), "GRPOConfig")
 
-SFTTrainer = _named(on_ray(trl.SFTTrainer), "SFTTrainer")
+
+
+class SFTTrainer(on_ray(trl.SFTTrainer)):
+    __doc__ = trl.SFTTrainer.__doc__
+
+    def call_model_init(self, trial=None):
+        """TRL's __init__ gives the model it was passed a fused LM head (compute_loss calls
+        `model(..., fused_lm_head=True)`); a model built by model_init (hyperparameter_search: one per trial)
+        gets the same head here."""
+        from accelerate.utils import is_peft_model
+        from trl.trainer.utils import add_fused_lm_head
+
+        model = super().call_model_init(trial)
+        base = model.get_base_model() if is_peft_model(model) else model
+        if "forward" not in vars(base):  # not patched yet: the head replaces the instance's forward
+            add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
+        return model
+
+
 DPOTrainer = _named(on_ray(trl.DPOTrainer), "DPOTrainer")
 RewardTrainer = _named(on_ray(trl.RewardTrainer), "RewardTrainer")
 

@@ -79,7 +79,7 @@ def preference_dataset(n: int = 24, seed: int = 3) -> datasets.Dataset:
     g = torch.Generator().manual_seed(seed)
     rows = {"prompt": [], "chosen": [], "rejected": []}
     for _ in range(n):
-        rows["prompt"].append(_sentence(g, 2, 5))
+        rows["prompt"].append(_sentence(g, 2, 5) + " ")  # TRL joins prompt + completion: a word boundary
         rows["chosen"].append(_sentence(g, 2, 6))
         rows["rejected"].append(_sentence(g, 2, 6))
     return datasets.Dataset.from_dict(rows)
