@@ -80,7 +80,10 @@ def assert_logged_close(a, b, keys, rtol):
             assert np.isclose(x[k], y[k], rtol=rtol, atol=1e-7), (step, k, x[k], y[k])
 
 
-def assert_weights_close(a, b, rtol=1e-4, atol=1e-6):
+def assert_weights_close(a, b, rtol=1e-4, atol=2e-5):
+    """2 workers vs 1 process: Adam divides by sqrt(v), so float-order noise in tiny gradients moves a weight by up
+    to ~3e-6 here; one step redone or lost (lr 1e-3) moves weights by ~1e-3. A killed-and-recovered run is bit-equal
+    to an uninterrupted 2-worker run (measured: max |diff| 0.0); this test compares with TRL's run instead."""
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
