@@ -29,12 +29,11 @@ constructor attributes and the user attributes; a worker module that builds from
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import transformers
 
-from .args import TrainingArguments
+from .args_layer import ray_args, to_ray_args  # noqa: F401 - the public pair lives here
 from .trainer import Trainer
 
 
@@ -58,29 +57,3 @@ def on_ray(trainer_cls: type) -> type:
     mro = layered.__mro__
     assert mro.index(Trainer) + 1 == mro.index(transformers.Trainer), mro
     return layered
-
-
-@functools.lru_cache(maxsize=None)
-def ray_args(args_cls: type) -> type:
-    """`args_cls` (a TrainingArguments subclass) with raytrainer's Ray fields and checks; same name and fields."""
-    if not isinstance(args_cls, type) or not issubclass(args_cls, transformers.TrainingArguments):
-        raise TypeError(f"ray_args() takes a transformers.TrainingArguments subclass (got {args_cls!r}).")
-    if issubclass(args_cls, TrainingArguments):
-        return args_cls
-    if args_cls is transformers.TrainingArguments:
-        return TrainingArguments
-    # args_cls first: its field defaults win over transformers' (e.g. SFTConfig's learning_rate=2e-5), and its
-    # __post_init__ runs first, then ours, then transformers'
-    cls = type(args_cls.__name__, (args_cls, TrainingArguments), {
-        "__module__": args_cls.__module__, "__qualname__": args_cls.__qualname__, "__doc__": args_cls.__doc__,
-    })
-    return dataclasses.dataclass(cls)
-
-
-def to_ray_args(args):
-    """A plain TrainingArguments (sub)class instance as its ray_args() class, with the same field values."""
-    cls = ray_args(type(args))
-    if isinstance(args, cls):
-        return args
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(type(args)) if f.init}
-    return cls(**values)

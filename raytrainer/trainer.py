@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .args import TrainingArguments
+from .args_layer import to_ray_args
 from .checkpoint import CheckpointWriter, Snapshot, latest_checkpoint
 from .checkpoint.state_check import check_checkpoint_state
 from .checkpoint.writer import state_to_json, to_cpu
@@ -66,8 +67,6 @@ def coerce_args(args) -> TrainingArguments:
     if isinstance(args, TrainingArguments):
         return args
     if isinstance(args, transformers.TrainingArguments):  # a subclass (TRL's configs) keeps its own fields
-        from .layer import to_ray_args
-
         return to_ray_args(args)
     raise ValueError(f"args must be a raytrainer.TrainingArguments (got {type(args).__name__}).")
 
