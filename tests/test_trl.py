@@ -141,6 +141,29 @@ def test_in_process_matches_trl(kind, extra, tok, tmp_path, tmp_path_factory):
     assert_weights_close(trainer.model, expected.model, rtol=1e-5, atol=1e-7)
 
 
+def test_sft_resumes_exactly_in_process(tok, tmp_path):
+    """Stopped after checkpoint-2, resumed from it: the same losses and bit-equal weights as an uninterrupted run."""
+    try:
+        from tests.helpers import StopAt
+    except ImportError:
+        from helpers import StopAt
+
+    def run(out, callbacks=(), resume=None):
+        args = rtrl.SFTConfig(output_dir=str(out), **{**th.TRL_ARGS, **SFT_CHAT, "save_strategy": "steps",
+                                                      "save_steps": 2})
+        trainer = rtrl.SFTTrainer(model=th.tiny_llama(tok), args=args, train_dataset=th.chat_dataset(),
+                                  processing_class=tok, callbacks=list(callbacks))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "cut", callbacks=[StopAt(2)])
+    resumed = run(tmp_path / "cut", resume=True)
+    keys = ("loss", "grad_norm", "learning_rate", "entropy", "mean_token_accuracy")
+    assert logged(resumed, keys) == logged(whole, keys)
+    assert_weights_close(resumed.model, whole.model, rtol=0, atol=0)
+
+
 def test_grpo_is_refused_on_workers_before_ray_starts(tok, tmp_path):
     def reward(completions, **kwargs):
         return [float(len(c)) for c in completions]
