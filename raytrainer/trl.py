@@ -23,6 +23,7 @@ except ImportError as e:  # pragma: no cover - the optional extra
     raise ImportError(f"{e}. raytrainer.trl needs TRL: pip install 'raytrainer[trl]' (or pip install 'trl>=1.16,<2').") from e
 
 from .layer import on_ray, ray_args
+from .trainer import Trainer
 
 TRL_SUPPORTED = ">=1.16,<2"
 if metadata.version("trl") not in SpecifierSet(TRL_SUPPORTED):  # pragma: no cover - depends on the install
@@ -43,7 +44,7 @@ GRPOConfig = _named(ray_args(trl.GRPOConfig), "GRPOConfig")
 
 
 
-class SFTTrainer(on_ray(trl.SFTTrainer)):
+class SFTTrainer(trl.SFTTrainer, Trainer):  # what on_ray(trl.SFTTrainer) builds, plus a method
     __doc__ = trl.SFTTrainer.__doc__
 
     def call_model_init(self, trial=None):
@@ -60,7 +61,26 @@ class SFTTrainer(on_ray(trl.SFTTrainer)):
         return model
 
 
-DPOTrainer = _named(on_ray(trl.DPOTrainer), "DPOTrainer")
+
+
+class DPOTrainer(trl.DPOTrainer, Trainer):  # what on_ray(trl.DPOTrainer) builds, plus a method
+    __doc__ = trl.DPOTrainer.__doc__
+
+    def _place_ref_model(self) -> None:
+        """TRL's __init__ placed the reference model on the driver's device; on a worker (a GPU worker under a CPU
+        driver) it goes where this worker's model is. Sharded strategies keep a full reference model per worker."""
+        if self._in_worker and getattr(self, "ref_model", None) is not None:
+            self.ref_model = self.ref_model.to(self.args.device)
+
+    def train(self, *args, **kwargs):
+        self._place_ref_model()
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        self._place_ref_model()
+        return super().evaluate(*args, **kwargs)
+
+
 RewardTrainer = _named(on_ray(trl.RewardTrainer), "RewardTrainer")
 
 GRPO_REFUSED = (
@@ -72,7 +92,7 @@ GRPO_REFUSED = (
 )
 
 
-class GRPOTrainer(on_ray(trl.GRPOTrainer)):
+class GRPOTrainer(trl.GRPOTrainer, Trainer):  # what on_ray(trl.GRPOTrainer) builds, plus a method
     """TRL's GRPOTrainer; in this process only (num_workers=0): see GRPO_REFUSED."""
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):

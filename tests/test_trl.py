@@ -304,8 +304,9 @@ def test_asha_over_two_sft_trials_with_two_workers_stops_the_bad_one(ray_cluster
     trainer = rtrl.SFTTrainer(model=th.tiny_llama(tok), args=args, train_dataset=th.text_dataset(),
                               eval_dataset=th.text_dataset(8, seed=9), processing_class=tok)
     trainer.model_init = lambda trial: th.tiny_llama(tok)  # one fresh model per trial
+    # transformers' default objective is the sum of the metrics other than the loss (TRL's entropy, accuracy...)
     best = trainer.hyperparameter_search(hp_space={"learning_rate": tune.grid_search([good, bad])}, n_trials=1,
-                                         direction="minimize", scheduler="asha", max_concurrent_trials=1,
+                                         compute_objective=lambda metrics: metrics["eval_loss"], direction="minimize", scheduler="asha", max_concurrent_trials=1,
                                          name="sft_asha")
     table = trainer.sweep_results.get_dataframe()
     iterations = dict(zip(table["config/learning_rate"], table["training_iteration"]))
