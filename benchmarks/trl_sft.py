@@ -1,7 +1,7 @@
 """TRL SFT step throughput: trl.SFTTrainer in-process vs raytrainer.trl.SFTTrainer (in-process, 1 Ray worker).
 
-Same model (a Llama, 4 layers, hidden 256, vocab 2048), same packed text data, same SFTConfig; the contenders
-run interleaved in this process (the order rotates every repetition). Steady-state samples/s excludes the
+Same model (a Llama, 2 layers, hidden 128, vocab 1024), same text data packed to 64 tokens, same SFTConfig;
+the contenders run interleaved in this process (the order rotates every repetition). Steady-state samples/s excludes the
 warmup steps (and so Ray's start-up); the table shows medians with the [min-max] spread and the ratio of
 medians against TRL (goal for 1 Ray worker: >= 0.97).
 
@@ -29,7 +29,7 @@ import transformers  # noqa: E402
 
 CONTENDERS = ["trl", "rt", "ray1"]
 LABELS = {"trl": "trl.SFTTrainer in-process", "rt": "raytrainer.trl in-process", "ray1": "raytrainer.trl 1 Ray worker"}
-VOCAB, SEQ, BATCH = 2048, 128, 8
+VOCAB, SEQ, BATCH = 1024, 64, 8
 
 
 def tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -45,8 +45,8 @@ def tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 def model(tok, seed: int = C.SEED):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     return transformers.LlamaForCausalLM(config)
 
