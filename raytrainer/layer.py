@@ -24,7 +24,15 @@ Trainer, as it stands, crosses to the workers (crossing.TrainerBlueprint): the c
 attribute X set. Each worker builds an X with transformers' __init__ only (our layer's), never X.__init__
 again: no second tokenisation, no second reference model, no second set of callbacks, and X's
 signature may hold arguments the worker does not have. The spec this needs is only the class, the
-constructor attributes and the user attributes; a worker module that builds from a spec keeps it.
+constructor attributes and the user attributes; a worker module that builds from a spec keeps it:
+`cls.__new__(cls)`, the user attributes set, `raytrainer.Trainer.__init__(trainer, **ctor)` (the layer's, so the
+driver path is not re-entered), the user attributes set again, the driver's callback list.
+
+What a subclass author must know: attributes set in __init__ cross by pickling (an unpicklable one is
+named with the fix before Ray starts); work bound to this process or device (a reference model placed for
+the driver's device, an open handle, a generation engine) is not redone on the workers, so redo it lazily
+where the worker runs it (raytrainer.trl.DPOTrainer moves its reference model to the worker's device in
+train()/evaluate()).
 """
 
 from __future__ import annotations
