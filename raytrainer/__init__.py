@@ -40,12 +40,15 @@ from transformers.trainer_utils import BestRun, EvalPrediction, PredictionOutput
 
 from .args import TrainingArguments
 from .trainer import Trainer
+from .layer import on_ray, ray_args
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Trainer",
     "TrainingArguments",
+    "on_ray",
+    "ray_args",
     "TrainerCallback",
     "TrainerControl",
     "TrainerState",
