@@ -79,7 +79,7 @@ ARGUMENT_CHECKS: list[AddedCheck] = [
          "no step will train"),
     _arg("learning_rate", "< 0", REFUSED_TOO, {"learning_rate": -1e-3},
          lambda a: a.learning_rate < 0,
-         lambda a: f"Invalid learning rate: {a.learning_rate} (torch's words): learning_rate must be >= 0.",
+         lambda a: f"Invalid learning rate: {a.learning_rate}. learning_rate must be >= 0.",
          "Invalid learning rate"),
     _arg("weight_decay", "< 0", WARN_ONLY, {"weight_decay": -0.1},
          lambda a: a.weight_decay < 0,
@@ -91,8 +91,8 @@ ARGUMENT_CHECKS: list[AddedCheck] = [
          "nothing is clipped"),
     _arg("warmup_steps", "< 0", REFUSED_TOO, {"warmup_steps": -2},
          lambda a: a.warmup_steps < 0,
-         lambda a: f"Got warmup_steps = {a.warmup_steps}, Expected value warmup_steps >= 0 (transformers' words): "
-                   "a count of steps, or a ratio < 1.",
+         lambda a: f"Got warmup_steps = {a.warmup_steps}, Expected value warmup_steps >= 0. "
+                   "Set a count of steps, or a ratio < 1.",
          "Expected value warmup_steps >= 0"),
     *[_arg(f"{n}", "< 0", WARN_ONLY, {n: -1, **({"eval_strategy": "steps"} if n == "eval_steps" else {}),
                                        **({"save_strategy": "steps"} if n == "save_steps" else {})},
@@ -110,20 +110,20 @@ ARGUMENT_CHECKS: list[AddedCheck] = [
          "set it >= 1 or None"),
     _arg("fp16 and bf16", "both True", REFUSED_TOO, {"fp16": True, "bf16": True},
          lambda a: a.fp16 and a.bf16,
-         lambda a: "At most one of fp16 and bf16 can be True, but not both (transformers' words): set at most one "
+         lambda a: "At most one of fp16 and bf16 can be True, but not both. Set at most one "
                    "(bf16=True on CPUs and Ampere+ GPUs).",
          "At most one of fp16 and bf16 can be True, but not both"),
     _arg("fp16_full_eval and bf16_full_eval", "both True", REFUSED_TOO,
          {"fp16_full_eval": True, "bf16_full_eval": True},
          lambda a: a.fp16_full_eval and a.bf16_full_eval,
-         lambda a: "At most one of fp16 and bf16 can be True for full eval, but not both (transformers' words): "
-                   "set at most one of fp16_full_eval and bf16_full_eval.",
+         lambda a: "At most one of fp16 and bf16 can be True for full eval, but not both. "
+                   "Set at most one of fp16_full_eval and bf16_full_eval.",
          "At most one of fp16 and bf16 can be True for full eval"),
     _arg("save_strategy='best' without metric", "metric_for_best_model is None", REFUSED_TOO,
          {"save_strategy": "best"},
          lambda a: _v(a.save_strategy) == "best" and a.metric_for_best_model is None,
          lambda a: "`args.metric_for_best_model` must be provided when using 'best' save_strategy or if "
-                   "`args.load_best_model_at_end` is set to `True` (transformers' words): e.g. "
+                   "`args.load_best_model_at_end` is set to `True`. Set e.g. "
                    'metric_for_best_model="eval_loss" or a key your compute_metrics returns.',
          "`args.metric_for_best_model` must be provided"),
     _arg("save_strategy='best' without evaluation", 'eval_strategy="no"', WARN_ONLY,
@@ -136,7 +136,7 @@ ARGUMENT_CHECKS: list[AddedCheck] = [
          {"load_best_model_at_end": True, "eval_strategy": "epoch", "save_strategy": "steps"},
          lambda a: a.load_best_model_at_end and _v(a.save_strategy) != "best"
          and _v(a.eval_strategy) != _v(a.save_strategy),
-         lambda a: "--load_best_model_at_end requires the save and eval strategy to match (transformers' words): "
+         lambda a: "--load_best_model_at_end requires the save and eval strategy to match: "
                    f"save_strategy={_v(a.save_strategy)!r}, eval_strategy={_v(a.eval_strategy)!r}; or use "
                    'save_strategy="best".',
          "--load_best_model_at_end requires the save and eval strategy to match"),

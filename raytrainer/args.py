@@ -137,7 +137,7 @@ class TrainingArguments(transformers.TrainingArguments):
         if optim not in OPTIMIZERS:
             hint = difflib.get_close_matches(optim, OPTIMIZERS, n=1)
             raise ValueError(
-                f"{optim} is not a valid OptimizerNames (transformers' words): optim={optim!r} is unknown; use one of {', '.join(OPTIMIZERS)}"
+                f"{optim} is not a valid OptimizerNames: optim={optim!r} is unknown; use one of {', '.join(OPTIMIZERS)}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
                 + ", or pass optimizers=(optimizer, scheduler) / optimizer_cls_and_kwargs."
             )
@@ -145,7 +145,7 @@ class TrainingArguments(transformers.TrainingArguments):
         if sched not in SCHEDULERS:
             hint = difflib.get_close_matches(sched, SCHEDULERS, n=1)
             raise ValueError(
-                f"{sched} is not a valid SchedulerType (transformers' words): lr_scheduler_type={sched!r} is unknown; "
+                f"{sched} is not a valid SchedulerType: lr_scheduler_type={sched!r} is unknown; "
                 f"use one of {', '.join(SCHEDULERS)}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
             )

@@ -721,11 +721,12 @@ class PendingSave:
 
 
 class SaveAwareCallbackHandler(transformers.trainer_callback.CallbackHandler):
-    """transformers' CallbackHandler, with on_save held back until checkpoint-<step>/ is complete.
+    """transformers' CallbackHandler, with on_save fired once checkpoint-<step>/ is complete.
 
-    transformers calls on_save right after _save_checkpoint; with a background writer the folder is
-    not there yet. The state is copied now (callbacks read state.global_step to find the folder) and
-    the Trainer fires the real on_save from _finish_saves.
+    transformers calls on_save right after _save_checkpoint. When a callback implements on_save, the
+    loop waits for the write there, so on_save comes at the same point (before the next epoch event)
+    and a flag it sets stops the run at this step. When none does, the write stays in the background:
+    the state is copied now and the Trainer fires the (unobserved) on_save from _finish_saves.
     """
 
     trainer = None
@@ -737,9 +738,17 @@ class SaveAwareCallbackHandler(transformers.trainer_callback.CallbackHandler):
         trainer._unfinished_saves[-1].state = copy.deepcopy(state)
         control.should_save = False  # as transformers' handler does at once: this save is taken
         trainer.control = control
-        # a foreground write (Ray workers, save_in_background=False) is complete now: no delay at all
-        trainer._finish_saves(block=not trainer._checkpoint_writer.background)
+        # a callback that implements on_save sees it at this step, in transformers' order, and the control
+        # flags it sets act at this step: the loop waits for the write. With no such callback nothing
+        # observable changes, and the write stays in the background. A foreground write (Ray workers,
+        # save_in_background=False) is complete now: no delay at all.
+        wait = not trainer._checkpoint_writer.background or self.on_save_observed(args)
+        trainer._finish_saves(block=wait)
         return trainer.control
+
+    def on_save_observed(self, args) -> bool:
+        base = transformers.TrainerCallback.on_save
+        return bool(args.push_to_hub) or any(type(cb).on_save is not base for cb in self.callbacks)
 
 
 _CARD_ARGS = ("language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags", "dataset",
