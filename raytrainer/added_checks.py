@@ -154,12 +154,12 @@ OTHER_CHECKS: list[AddedCheck] = [
                {"learning_rate": None}, where="field_types.py check_field_types"),
     AddedCheck("field type (other fields)", "field types", "a value of the wrong type for any other field "
                "(transformers reads None as false, most others only in evaluation or integrations)",
-               "expected", WARN_ONLY, {"debug": 5}, where="field_types.py check_field_types"),
+               "expected", WARN_ONLY, {"logging_first_step": None}, where="field_types.py check_field_types"),
     AddedCheck("field range", "field types", "adam_beta1/2, adam_epsilon, neftune_noise_alpha, seed, "
                "dataloader_num_workers out of range (field_types.RANGES)", "must be", REFUSED_TOO,
                {"adam_beta1": 1.5}, where="field_types.py check_field_types"),
     AddedCheck("field range (warn)", "field types", "label_smoothing_factor, data_seed out of range",
-               "must be", WARN_ONLY, {"label_smoothing_factor": 1.5}, where="field_types.py check_field_types"),
+               "(transformers runs it)", WARN_ONLY, {"label_smoothing_factor": 1.5}, where="field_types.py check_field_types"),
     AddedCheck("unknown enum name", "field types", "optim, lr_scheduler_type or a strategy name outside transformers' "
                "enum", "is not a valid", REFUSED_TOO, {"optim": "adamw_torch_fusd"},
                where="args.py _check_names, field_types.py"),
@@ -169,7 +169,7 @@ OTHER_CHECKS: list[AddedCheck] = [
                "the default collator needs a dict", REFUSED_TOO, where="data/checks.py"),
     AddedCheck("main input column missing", "dataset", "no model.main_input_name column, default collator",
                "column", REFUSED_TOO, where="data/checks.py"),
-    AddedCheck("no model input column", "dataset", "no column the model's forward accepts, default collator",
+    AddedCheck("no model input column", "dataset", "no column the forward of a model without main_input_name accepts, default collator",
                "contain none of the inputs", REFUSED_TOO, where="data/checks.py"),
     AddedCheck("token ids not integers", "dataset", "float input_ids for a model whose input is an nn.Embedding "
                "(a custom nn.Module taking float features as input_ids is not checked)",
@@ -192,7 +192,7 @@ OTHER_CHECKS: list[AddedCheck] = [
                {"num_workers": -1}),
     AddedCheck("fields the loop does not honour", "preflight", "accelerator_config options, parallelism_config, "
                "dataloader_in_order set away from their defaults (fields.REFUSED), at train()",
-               "is not supported by raytrainer", NOT_HONOURED, {"dataloader_in_order": True},
+               "is not supported by raytrainer", NOT_HONOURED, {"dataloader_in_order": False},
                where="args.py check_supported"),
     AddedCheck("auto_find_batch_size with several workers", "preflight", "auto_find_batch_size and num_workers > 1",
                "is not supported by raytrainer", OURS, {"auto_find_batch_size": True, "num_workers": 2},
