@@ -20,14 +20,19 @@ import typing
 from typing import Any
 
 INFINITY_ALLOWED = {"max_grad_norm"}  # inf: no clipping (transformers logs the norm, clips nothing)
-# fields transformers' training reads in arithmetic, the optimizer, the DataLoader or the logger: another type
-# (None included) fails there too, so it is refused here (tests/test_dropin_registry.py runs each through
-# transformers.Trainer). Any other field of the wrong type is kept, with one warning: transformers runs it
-# (None reads as false; most others are read only by evaluation or an integration).
+# fields whose value of another type fails under transformers too (its TrainingArguments, or training): refused
+# here. field -> such a value (tests/test_dropin_registry.py runs each through transformers.Trainer). Any other
+# field of the wrong type is kept, with one warning: transformers runs it (None and "x" read as false or true
+# where a bool is expected; most others are read only by evaluation or an integration).
 TRAINING_FIELDS = {
-    "per_device_train_batch_size", "num_train_epochs", "max_steps", "learning_rate", "weight_decay", "adam_beta1",
-    "adam_beta2", "adam_epsilon", "gradient_accumulation_steps", "max_grad_norm", "label_smoothing_factor",
-    "log_level", "log_level_replica", "seed", "dataloader_drop_last",
+    **dict.fromkeys(("per_device_train_batch_size", "num_train_epochs", "max_steps", "learning_rate", "weight_decay",
+                     "adam_beta1", "adam_beta2", "adam_epsilon", "gradient_accumulation_steps", "max_grad_norm",
+                     "label_smoothing_factor", "log_level", "log_level_replica", "seed", "dataloader_drop_last",
+                     "lr_scheduler_type", "warmup_steps", "optim", "use_cache", "logging_strategy", "logging_steps",
+                     "eval_strategy", "save_strategy", "hub_strategy", "dataloader_num_workers")),
+    **dict.fromkeys(("tf32", "use_liger_kernel", "neftune_noise_alpha", "torch_empty_cache_steps", "eval_steps",
+                     "save_steps", "data_seed", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+                     "label_names"), "x"),
 }
 # None is transformers' own spelling of "nothing" for these (its __post_init__ turns debug=None into [])
 NONE_NORMALISED_BY_TRANSFORMERS = {"debug"}

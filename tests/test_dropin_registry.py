@@ -146,10 +146,11 @@ def test_added_check_refuses_only_what_transformers_fails_on(tmp_path, entry, ca
 
 @pytest.mark.parametrize("field", sorted(TRAINING_FIELDS))
 def test_a_mistyped_training_field_fails_in_transformers_too(tmp_path, field):
-    """field_types refuses another type only for the fields transformers' training reads (None shown here)."""
-    transformers_fails(tmp_path, {field: None})
+    """field_types refuses another type only for the fields where transformers fails on one too."""
+    wrong = {field: TRAINING_FIELDS[field]}
+    transformers_fails(tmp_path, wrong)
     with pytest.raises(ValueError, match=field):
-        raytrainer.TrainingArguments(**kwargs(tmp_path, {field: None}, "rt"))
+        raytrainer.TrainingArguments(**kwargs(tmp_path, wrong, "rt"))
 
 
 def test_the_registry_covers_every_check_and_the_docs_print_it():
