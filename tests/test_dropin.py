@@ -191,3 +191,28 @@ def test_resume_true_without_checkpoint_message_holds_transformers_words(tmp_pat
         errors.append(str(caught.value).replace(args.output_dir, "<output_dir>"))
     hf, rt = errors
     assert rt.startswith(hf) and "checkpoint-<step>" in rt, (hf, rt)
+
+
+# ------------------------------------------------------------------ item 6: a deliberate difference, tested as such
+def test_enable_jit_checkpoint_is_transformers_in_process_and_rays_notice_with_workers(tmp_path):
+    """docs/compatibility.md: in-process raytrainer installs transformers' JITCheckpointCallback (SIGTERM) as
+    transformers does; with Ray workers the driver does not (preemption is a drained node, watched by the
+    workers: preemption.py), and the driver's arguments still say enable_jit_checkpoint=True."""
+    import signal
+
+    from transformers.trainer_jit_checkpoint import JITCheckpointCallback
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        kinds = {}
+        for mod, workers in ((transformers, None), (raytrainer, 0), (raytrainer, 1)):
+            extra = {} if workers is None else {"num_workers": workers}
+            args = make_args(mod.TrainingArguments, tmp_path / f"{mod.__name__}{workers}", enable_jit_checkpoint=True,
+                             **extra)
+            trainer = mod.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(8))
+            kinds[(mod.__name__, workers)] = any(isinstance(cb, JITCheckpointCallback)
+                                                 for cb in trainer.callback_handler.callbacks)
+            assert trainer.args.enable_jit_checkpoint
+        assert kinds == {("transformers", None): True, ("raytrainer", 0): True, ("raytrainer", 1): False}
+    finally:
+        signal.signal(signal.SIGTERM, before)
