@@ -5,7 +5,10 @@ IntervalStrategy", `adam_beta1=0` (an int) inside torch as "betas must be either
 both Tensors", `label_smoothing_factor=None` as an arithmetic TypeError mid-training. Here each value
 is checked against the field's annotation on the driver, and the error names the field, what was
 given and what is expected. Ints given to float fields become floats (what HfArgumentParser does);
-NaN is refused everywhere, infinity except where it means "no limit".
+NaN is refused, infinity except where it means "no limit".
+
+Add, never take away (added_checks.py): a value is refused only for the fields where transformers fails on
+it too (TRAINING_FIELDS, and raytrainer's own fields); elsewhere it is kept as given, with one warning.
 """
 
 from __future__ import annotations
