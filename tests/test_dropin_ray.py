@@ -20,6 +20,7 @@ import raytrainer
 from tests.helpers import lm_examples, make_args, tiny_gpt2
 
 ARGS = dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, eval_strategy="steps", eval_steps=2,
+            save_strategy="steps",
             save_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss")
 
 
