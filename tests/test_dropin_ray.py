@@ -43,10 +43,24 @@ def checkpoint2(tmp_path_factory):
     return str(out / "checkpoint-2")
 
 
+class ShouldSaveCounter(transformers.TrainerCallback):
+    """What callbacks see of the control flags: should_save in on_step_end and on_epoch_end."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(("step_end", state.global_step, control.should_save))
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.seen.append(("epoch_end", state.global_step, control.should_save))
+
+
 def resume(mod, out, checkpoint, **extra):
     args = make_args(mod.TrainingArguments, out, max_steps=4, **ARGS, **extra)
     trainer = mod.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(16),
-                          eval_dataset=lm_examples(4, seed=3), callbacks=[transformers.EarlyStoppingCallback()])
+                          eval_dataset=lm_examples(4, seed=3),
+                          callbacks=[ShouldSaveCounter(), transformers.EarlyStoppingCallback()])
     trainer.train(resume_from_checkpoint=checkpoint)
     return trainer
 
@@ -56,6 +70,10 @@ def restored(trainer):
     assert len(found) == 1
     names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
     return found[0].early_stopping_patience, names
+
+
+def counter(trainer) -> ShouldSaveCounter:
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ShouldSaveCounter))
 
 
 def warned(caplog) -> list[str]:
@@ -79,3 +97,5 @@ def test_callback_states_restore_on_the_driver_as_in_transformers(ray_cluster, c
         # transformers' order: the restored callback last; display callbacks stay where they were on the driver
         assert restored(rt)[1] == expected[1], (extra, restored(rt)[1], expected[1])
         assert len(warned(caplog)) >= 1 and "GoneCallback" in warned(caplog)[0], extra
+        # the driver's callbacks hold rank 0's state: the control flags each event saw, as under transformers
+        assert counter(rt).seen == counter(hf).seen, extra
