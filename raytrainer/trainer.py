@@ -586,7 +586,9 @@ class Trainer(transformers.Trainer):
                 if not block:
                     self._checkpoint_writer.raise_pending()
                     return
+                t0 = time.perf_counter()
                 self._checkpoint_writer.wait()
+                self._checkpoint_writer.blocked_s += time.perf_counter() - t0  # the loop waited for the write
             self._unfinished_saves.pop(0)
             if self._ray is not None:
                 self._ray.complete(self, pending)
