@@ -12,6 +12,7 @@ on_save sees the finished folder and its control flags act at that step).
 
     python benchmarks/dropin_speed.py            # 3 repetitions (about 4 minutes on 2 cores)
     python benchmarks/dropin_speed.py --reps 5
+    python benchmarks/dropin_speed.py --reps 0     # the writer's blocked/write ratio only
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def main(argv=None):
         pairs["rt/plain"].append(got["plain"]["sec_per_step"] / got["rt"]["sec_per_step"])
         print(f"rep {rep}: " + ", ".join(f"{n} {r['sec_per_step'] * 1000:.1f} ms/step ({r['cpu_per_step'] * 1000:.1f} "
                                          "ms CPU)" for n, r in got.items()), flush=True)
+    if a.reps == 0:  # --reps 0: the checkpoint writer's figures only
+        times, cpu = {n: [float("nan")] for n in CONTENDERS}, {n: [float("nan")] for n in CONTENDERS}
     med = {n: statistics.median(v) for n, v in times.items()}
     med_cpu = {n: statistics.median(v) for n, v in cpu.items()}
     result = {
