@@ -57,7 +57,8 @@ class ShouldSaveCounter(transformers.TrainerCallback):
 
 
 def resume(mod, out, checkpoint, **extra):
-    args = make_args(mod.TrainingArguments, out, max_steps=4, **ARGS, **extra)
+    args = make_args(mod.TrainingArguments, out, max_steps=4, restore_callback_states_from_checkpoint=True, **ARGS,
+                     **extra)
     trainer = mod.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(16),
                           eval_dataset=lm_examples(4, seed=3),
                           callbacks=[ShouldSaveCounter(), transformers.EarlyStoppingCallback()])
