@@ -29,6 +29,7 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import is_torch_tf32_available
 
 from .fields import REFUSED, REFUSED_ACCELERATOR_OPTIONS
+from .added_checks import run_argument_checks
 from .field_types import check_field_types
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
@@ -136,7 +137,7 @@ class TrainingArguments(transformers.TrainingArguments):
         if optim not in OPTIMIZERS:
             hint = difflib.get_close_matches(optim, OPTIMIZERS, n=1)
             raise ValueError(
-                f"optim={optim!r} is unknown; use one of {', '.join(OPTIMIZERS)}"
+                f"{optim} is not a valid OptimizerNames: optim={optim!r} is unknown; use one of {', '.join(OPTIMIZERS)}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
                 + ", or pass optimizers=(optimizer, scheduler) / optimizer_cls_and_kwargs."
             )
@@ -144,7 +145,8 @@ class TrainingArguments(transformers.TrainingArguments):
         if sched not in SCHEDULERS:
             hint = difflib.get_close_matches(sched, SCHEDULERS, n=1)
             raise ValueError(
-                f"lr_scheduler_type={sched!r} is unknown; use one of {', '.join(SCHEDULERS)}"
+                f"{sched} is not a valid SchedulerType: lr_scheduler_type={sched!r} is unknown; "
+                f"use one of {', '.join(SCHEDULERS)}"
                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
             )
         if self.nonfinite_steps not in NONFINITE_STEPS:
@@ -177,47 +179,8 @@ class TrainingArguments(transformers.TrainingArguments):
         self._check_names()
         if self.storage_path and self.run_name is not None:
             check_folder_name("run_name", self.run_name, "the run's folder under storage_path")
-        _positive("per_device_train_batch_size", self.per_device_train_batch_size)
-        _positive("per_device_eval_batch_size", self.per_device_eval_batch_size)
-        _positive("gradient_accumulation_steps", self.gradient_accumulation_steps)
-        if self.max_steps == 0 or (self.max_steps < 0 and self.max_steps != -1):
-            raise ValueError(f"max_steps={self.max_steps} must be a positive step count, or -1 to train num_train_epochs.")
-        if self.max_steps == -1 and not self.num_train_epochs > 0:
-            raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 (or set max_steps > 0).")
-        if self.learning_rate < 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be >= 0.")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0.")
-        if self.max_grad_norm is not None and self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 disables clipping).")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0 (a count, or a ratio < 1).")
-        for name in ("logging_steps", "eval_steps", "save_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name}={value} must be > 0.")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ValueError(f"save_total_limit={self.save_total_limit} must be >= 1, or None to keep every checkpoint.")
-        if self.eval_accumulation_steps is not None and self.eval_accumulation_steps < 1:
-            raise ValueError(f"eval_accumulation_steps={self.eval_accumulation_steps} must be >= 1 or None.")
-        if self.fp16 and self.bf16:
-            raise ValueError("fp16 and bf16 are both True: set at most one of them (bf16=True on CPUs and Ampere+ GPUs).")
-        if self.fp16_full_eval and self.bf16_full_eval:
-            raise ValueError("fp16_full_eval and bf16_full_eval are both True: set at most one of them.")
-        save = _value(self.save_strategy)
-        if save == "best" and self.metric_for_best_model is None:
-            raise ValueError(
-                'save_strategy="best" needs metric_for_best_model (e.g. "eval_loss" or a key your compute_metrics returns).'
-            )
-        if save == "best" and _value(self.eval_strategy) == "no":
-            raise ValueError('save_strategy="best" needs evaluations: set eval_strategy="steps" or "epoch".')
-        if self.load_best_model_at_end and save not in ("best",) and _value(self.eval_strategy) != save:
-            raise ValueError(
-                f"load_best_model_at_end=True needs save_strategy == eval_strategy (got save_strategy={save!r}, "
-                f"eval_strategy={_value(self.eval_strategy)!r}); or use save_strategy=\"best\"."
-            )
-        if self.eval_on_start and _value(self.eval_strategy) == "no":
-            raise ValueError('eval_on_start=True needs eval_strategy="steps" or "epoch".')
+        # transformers' fields: refused only where transformers fails too, else one warning (added_checks.py)
+        run_argument_checks(self)
         # ---- Ray fields ----
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers!r} must be an int >= 0 (0 = run in this process).")
@@ -360,11 +323,6 @@ def check_folder_name(name: str, value, what: str) -> None:
     text = str(value)
     if not text.strip() or text in (".", "..") or any(sep in text for sep in ("/", "\\", "\x00")):
         raise ValueError(f"{name}={value!r} names {what}: use one folder name, without '/', '\\' or '..'.")
-
-
-def _positive(name: str, value) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer.")
 
 
 # Field names plus the attributes the parent's __post_init__ and properties set on itself.

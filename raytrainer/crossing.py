@@ -112,13 +112,33 @@ def _try_pickle(value, what, cloudpickle):
         return _UNPICKLABLE
 
 
+def restore_callback_states(trainer, state_json: str) -> None:
+    """resume with restore_callback_states_from_checkpoint=True: transformers' own restore, on the driver.
+
+    transformers replaces each ExportableState callback (EarlyStoppingCallback...) by one rebuilt from the
+    checkpoint's trainer_state.json, and warns about saved states without a callback. Done here, before
+    the blueprint is taken, the driver holds the restored callbacks (in transformers' order) and the
+    warning is printed where the user sees it; the workers restore the same state again (idempotent)."""
+    import json
+
+    saved = trainer.state
+    trainer.state = transformers.TrainerState(**json.loads(state_json))
+    try:
+        transformers.Trainer._load_callback_state(trainer)
+    finally:
+        trainer.state = saved
+
+
 def apply_final_state(trainer, payload: dict) -> None:
     """Pour rank 0's state into the driver's own callback objects, closures and attributes."""
-    workers = [cb for cb in payload["callbacks"] if cb is not _UNPICKLABLE]
     mine = [cb for cb in trainer.callback_handler.callbacks if not is_display_callback(cb)]
-    theirs = [cb for cb in workers if not is_display_callback(cb)]
-    for dst, src in zip(mine, theirs):
-        if type(dst) is type(src):
+    theirs = [cb for cb in payload["callbacks"] if cb is not _UNPICKLABLE and not is_display_callback(cb)]
+    # matched by type, in order: a callback rank 0 could not send back, or one that moved, shifts no other
+    unmatched = list(mine)
+    for src in theirs:
+        dst = next((cb for cb in unmatched if type(cb) is type(src)), None)
+        if dst is not None:
+            unmatched.remove(dst)
             merge_into(dst, src)
     for key, value in payload["user_attrs"].items():
         if value is _UNPICKLABLE:

@@ -35,7 +35,7 @@ from . import storage
 from .checkpoint.layout import TRAINER_STATE, checkpoint_step
 from .checkpoint.retention import checkpoints_to_delete
 from .checkpoint.state_check import check_state_in_storage
-from .crossing import TrainerBlueprint, apply_final_state, final_state
+from .crossing import TrainerBlueprint, apply_final_state, final_state, restore_callback_states
 from .data.checks import check_train_dataset
 from .data.ray_data import is_ray_dataset
 from .event_stream import DriverStream, StreamToDriver
@@ -97,6 +97,8 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
 
     check_resume(args, resume, fs if resume_in_storage else None)  # e.g. ZeRO state of another worker count
     check_best_model_loadable(trainer)
+    if resume is not None and args.restore_callback_states_from_checkpoint:
+        restore_callback_states(trainer, _read_state(fs if resume_in_storage else None, resume))
 
     overrides = {"train_dataset": None} if datasets else {}
     if trainer.model_init is not None:
@@ -140,6 +142,15 @@ def run_eval_on_ray(trainer, method: str, dataset, ignore_keys, metric_key_prefi
     if stream.final_state is not None:
         apply_final_state(trainer, stream.final_state)
     return stream.eval_result
+
+
+def _read_state(fs, checkpoint: str) -> str:
+    """A checkpoint's trainer_state.json (checked already: check_checkpoint_state / check_state_in_storage)."""
+    if fs is None:
+        with open(os.path.join(checkpoint, TRAINER_STATE), encoding="utf-8") as f:
+            return f.read()
+    with fs.open_input_stream(f"{checkpoint}/{TRAINER_STATE}") as f:
+        return f.read().decode("utf-8")
 
 
 def _storage_for(args, storage_path, name):

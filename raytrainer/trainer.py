@@ -299,9 +299,11 @@ class Trainer(transformers.Trainer):
         if resume_from_checkpoint is True:
             found = latest_checkpoint(self.args.output_dir)
             if found is None:
+                # transformers' words first: scripts and tests match on them
                 raise ValueError(
-                    f"resume_from_checkpoint=True: no complete checkpoint in output_dir={self.args.output_dir!r}; "
-                    "train without resuming first, or pass the path of a checkpoint-<step> folder."
+                    f"No valid checkpoint found in output directory ({self.args.output_dir}): "
+                    "resume_from_checkpoint=True found no complete checkpoint-<step> folder there; train without "
+                    "resuming first, or pass the path of a checkpoint-<step> folder."
                 )
             resume_from_checkpoint = found
         if not os.path.isdir(resume_from_checkpoint):
@@ -584,7 +586,9 @@ class Trainer(transformers.Trainer):
                 if not block:
                     self._checkpoint_writer.raise_pending()
                     return
+                t0 = time.perf_counter()
                 self._checkpoint_writer.wait()
+                self._checkpoint_writer.blocked_s += time.perf_counter() - t0  # the loop waited for the write
             self._unfinished_saves.pop(0)
             if self._ray is not None:
                 self._ray.complete(self, pending)
@@ -626,8 +630,9 @@ class Trainer(transformers.Trainer):
     def _check_resume_batch(self, checkpoint_dir: str, sampler=None) -> dict | None:
         """None when the checkpoint's position in optimizer steps holds for this run (same global batch, or
         a checkpoint without RUN_META: transformers' rule). With another global batch: the checkpoint's
-        data position in samples, where this run's sampler resumes (loop.py); a ValueError when that
-        position is unknown or this run's data cannot be placed at a sample."""
+        data position in samples, where this run's sampler resumes (loop.py); when that position is
+        unknown or this run's data cannot be placed at a sample, None too (transformers' global_step
+        resume), with one warning that it is approximate."""
         meta = load_run_meta(checkpoint_dir)
         if meta is None:
             return None
@@ -649,15 +654,16 @@ class Trainer(transformers.Trainer):
                    f"{sampler.num_samples}")
         else:
             return position
+        # transformers' behaviour, with one warning: global_step places the resume, batches are skipped
         _, world = world_info()
-        raise ValueError(
-            f"{checkpoint_dir} was trained with a global batch of {meta['global_batch_size']} "
-            f"({meta['world_size']} workers); this run's is {now} = per_device_train_batch_size "
-            f"{self._train_batch_size} x {world} workers x gradient_accumulation_steps "
-            f"{self.args.gradient_accumulation_steps}, and the resume cannot continue at the checkpoint's sample: "
-            f"{why}. Set per_device_train_batch_size or gradient_accumulation_steps so the global batch is "
-            "the same, then resume."
-        )
+        if world_info()[0] == 0:
+            logger.warning(
+                "raytrainer: %s was trained with a global batch of %d (%d workers); this run's is %d, and the resume "
+                "cannot continue at the checkpoint's sample: %s. Resuming by global_step as transformers does (it "
+                "skips %d-sample batches of this run): the data position is approximate, some samples may be seen "
+                "twice or skipped. Keep the global batch the same for an exact resume.",
+                checkpoint_dir, meta["global_batch_size"], meta["world_size"], now, why, now)
+        return None
 
     def wait_for_checkpoints(self) -> None:
         """Block until every checkpoint taken so far is on disk (they are written in the background)."""
@@ -717,11 +723,12 @@ class PendingSave:
 
 
 class SaveAwareCallbackHandler(transformers.trainer_callback.CallbackHandler):
-    """transformers' CallbackHandler, with on_save held back until checkpoint-<step>/ is complete.
+    """transformers' CallbackHandler, with on_save fired once checkpoint-<step>/ is complete.
 
-    transformers calls on_save right after _save_checkpoint; with a background writer the folder is
-    not there yet. The state is copied now (callbacks read state.global_step to find the folder) and
-    the Trainer fires the real on_save from _finish_saves.
+    transformers calls on_save right after _save_checkpoint. When a callback implements on_save, the
+    loop waits for the write there, so on_save comes at the same point (before the next epoch event)
+    and a flag it sets stops the run at this step. When none does, the write stays in the background:
+    the state is copied now and the Trainer fires the (unobserved) on_save from _finish_saves.
     """
 
     trainer = None
@@ -733,9 +740,17 @@ class SaveAwareCallbackHandler(transformers.trainer_callback.CallbackHandler):
         trainer._unfinished_saves[-1].state = copy.deepcopy(state)
         control.should_save = False  # as transformers' handler does at once: this save is taken
         trainer.control = control
-        # a foreground write (Ray workers, save_in_background=False) is complete now: no delay at all
-        trainer._finish_saves(block=not trainer._checkpoint_writer.background)
+        # a callback that implements on_save sees it at this step, in transformers' order, and the control
+        # flags it sets act at this step: the loop waits for the write. With no such callback nothing
+        # observable changes, and the write stays in the background. A foreground write (Ray workers,
+        # save_in_background=False) is complete now: no delay at all.
+        wait = not trainer._checkpoint_writer.background or self.on_save_observed(args)
+        trainer._finish_saves(block=wait)
         return trainer.control
+
+    def on_save_observed(self, args) -> bool:
+        base = transformers.TrainerCallback.on_save
+        return bool(args.push_to_hub) or any(type(cb).on_save is not base for cb in self.callbacks)
 
 
 _CARD_ARGS = ("language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags", "dataset",

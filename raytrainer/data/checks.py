@@ -28,7 +28,8 @@ def check_train_dataset(trainer) -> None:
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         return  # an iterable dataset: its rows exist only once it is iterated
     if len(dataset) == 0:
-        raise ValueError("train_dataset is empty: it has no rows to train on.")
+        raise ValueError("num_samples should be a positive integer value, but got num_samples=0: train_dataset is "
+                         "empty, it has no rows to train on.")
     rows = [dataset[i] for i in range(min(SAMPLE_ROWS, len(dataset)))]
     default = _is_default_collator(trainer.data_collator)
     for i, row in enumerate(rows):
@@ -69,7 +70,10 @@ def _check_token_ids(model, rows, collator) -> None:
 
     from transformers.data.data_collator import DataCollatorWithPadding
 
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    # input_ids are token ids only when they index an embedding: a custom nn.Module may take float features
+    # under that name (transformers runs it), so the dtype and vocabulary checks need the embedding
+    embedding = _input_embedding(model)
+    vocab = embedding.num_embeddings if embedding is not None else None
     lengths = set()
     for i, row in enumerate(rows):
         ids = row.get("input_ids")
@@ -79,14 +83,14 @@ def _check_token_ids(model, rows, collator) -> None:
             array = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids)
         except ValueError:  # ragged nested lists
             array = np.asarray([], dtype=object)
-        if array.dtype.kind not in "iu" and not (array.dtype.kind == "b" or array.size == 0 and array.dtype.kind == "f"):
+        if embedding is not None and array.dtype.kind not in "iu" and not (array.dtype.kind == "b" or array.size == 0 and array.dtype.kind == "f"):
             raise ValueError(
                 f"train_dataset[{i}]['input_ids'] is {_short(ids)}: token ids must be integers; tokenize the "
                 "text column with the model's tokenizer (processing_class) first."
             )
         if vocab and array.size and (array.min() < 0 or array.max() >= vocab):
             raise ValueError(
-                f"train_dataset[{i}]['input_ids'] holds token id {int(array.max() if array.max() >= vocab else array.min())} "
+                f"index out of range in self: train_dataset[{i}]['input_ids'] holds token id {int(array.max() if array.max() >= vocab else array.min())} "
                 f"outside the model's vocabulary [0, {vocab}): tokenize with the model's own tokenizer, or resize "
                 "the embeddings (model.resize_token_embeddings)."
             )
@@ -97,6 +101,16 @@ def _check_token_ids(model, rows, collator) -> None:
             "default collator cannot pad them: pad when tokenizing (padding='max_length'), or pass "
             "data_collator=DataCollatorWithPadding(tokenizer) (DataCollatorForLanguageModeling for causal LM)."
         )
+
+
+def _input_embedding(model):
+    import torch
+
+    try:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return emb if isinstance(emb, torch.nn.Embedding) else None
 
 
 def _short(value, limit: int = 60) -> str:

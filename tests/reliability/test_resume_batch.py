@@ -110,17 +110,21 @@ def test_explicit_max_steps_keeps_counting_optimizer_steps(tmp_path, first):
     assert trainer.state.num_train_epochs == 2
 
 
-def test_checkpoint_without_a_position_falls_back(tmp_path, first):
-    """An older raytrainer checkpoint (no data position) is refused with another global batch, naming the
-    fix; a transformers checkpoint (no raytrainer_run.pt) resumes by global_step, as transformers does."""
+def test_checkpoint_without_a_position_falls_back(tmp_path, first, caplog):
+    """An older raytrainer checkpoint (no data position) with another global batch resumes by global_step, as
+    transformers does, with one warning saying the position is approximate; a transformers checkpoint (no
+    raytrainer_run.pt) resumes by global_step too, silently."""
     checkpoint, _ = first
     old = tmp_path / "old"
     shutil.copytree(checkpoint, old)
     meta = torch.load(old / "raytrainer_run.pt", weights_only=True)
     del meta["data_position"]
     torch.save(meta, old / "raytrainer_run.pt")
-    with pytest.raises(ValueError, match="global batch of 4 .* records no data position.*per_device_train_batch"):
-        resume(tmp_path / "a", old, 2, 1)
+    with caplog.at_level(logging.WARNING, logger="raytrainer"):
+        trainer, resumed = resume(tmp_path / "a", old, 2, 1, max_steps=4)
+    warnings = [r.getMessage() for r in caplog.records if "Resuming by global_step" in r.getMessage()]
+    assert len(warnings) == 1 and "records no data position" in warnings[0], warnings
+    assert trainer.state.global_step == 4 and resumed == order(0)[6:8]
 
     (old / "raytrainer_run.pt").unlink()
     trainer, resumed = resume(tmp_path / "b", old, 2, 1, max_steps=4)
@@ -134,7 +138,11 @@ class CustomSampler(raytrainer.Trainer):
         return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
 
 
-def test_data_that_cannot_seek_is_refused(tmp_path, first):
+def test_data_that_cannot_seek_resumes_by_global_step(tmp_path, first, caplog):
+    """transformers resumes this by global_step (skipping batches): so does raytrainer, with one warning."""
     checkpoint, _ = first
-    with pytest.raises(ValueError, match="cannot be placed at a sample .*_get_train_sampler"):
-        resume(tmp_path, checkpoint, 2, 1, trainer_cls=CustomSampler)
+    with caplog.at_level(logging.WARNING, logger="raytrainer"):
+        trainer, _ = resume(tmp_path, checkpoint, 2, 1, trainer_cls=CustomSampler, max_steps=5)
+    warnings = [r.getMessage() for r in caplog.records if "Resuming by global_step" in r.getMessage()]
+    assert len(warnings) == 1 and "cannot be placed at a sample" in warnings[0], warnings
+    assert trainer.state.global_step == 5
