@@ -412,6 +412,11 @@ class Trainer(transformers.Trainer):
         t0 = time.perf_counter()
         try:
             self._snapshot_and_save(trial)
+        except Exception as e:  # the partial folder goes; a full disk is named with the space it needs
+            error = self._checkpoint_writer.failed(None, e)
+            if error is e:
+                raise
+            raise error from e
         finally:  # what the loop waited for: the copy, plus the write when it is not in the background
             self._checkpoint_writer.blocked_s += time.perf_counter() - t0
 
