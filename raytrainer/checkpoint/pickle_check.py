@@ -209,8 +209,16 @@ def _check_relative(folder: str, relative: str) -> None:
 def safe_dcp_load(state_dict: dict, folder: str) -> None:
     """`dcp.load` with the metadata read by _DcpUnpickler and byte items loaded weights-only."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.load(state_dict, storage_reader=_safe_reader(folder), planner=_safe_planner(folder))
+    try:
+        dcp.load(state_dict, storage_reader=_safe_reader(folder), planner=_safe_planner(folder))
+    except CheckpointException as e:  # DCP gathers each rank's error: ours is raised as itself, once
+        for failure in e.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", failure)
+            if isinstance(inner, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(str(inner)) from None
+        raise
 
 
 def _safe_reader(folder: str):
@@ -235,7 +243,9 @@ def _safe_planner(folder: str):
 
     class SafeLoadPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value):
-            loaded = load_dcp_bytes(value, f"{folder} (item {read_item.storage_index.fqn})")
+            info = (self.metadata.storage_data or {}).get(read_item.storage_index)
+            path = os.path.join(folder, info.relative_path) if info is not None else folder
+            loaded = load_dcp_bytes(value, f"{path} (item {read_item.storage_index.fqn})")
             if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes, without its weights_only=False
                 from torch.distributed.checkpoint._traverse import set_element
 
