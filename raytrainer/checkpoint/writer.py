@@ -118,14 +118,18 @@ class CheckpointWriter:
         tmp_prefix = os.path.join(os.path.dirname(os.path.normpath(final_dir)),
                                   f"{TMP_PREFIX}-{os.path.basename(os.path.normpath(final_dir)).rsplit('-', 1)[-1]}-"
                                   f"{leftovers.owner_tag()}-")
+        parent = os.path.dirname(os.path.normpath(final_dir))
+        free = _free_bytes(parent)  # before the partial folder goes: what the failed write left
         written = 0
         for tmp in leftovers.held(tmp_prefix):
             written = max(written, folder_bytes(tmp))
             leftovers.release(tmp)
-        if not is_disk_full(error):
-            return error
-        previous = latest_checkpoint(os.path.dirname(os.path.normpath(final_dir)))
+        previous = latest_checkpoint(parent)
         needed = max(folder_bytes(previous) if previous else 0, written + _snapshot_bytes(snap))
+        # torch.save's C++ writer loses ENOSPC ("unexpected pos ..."): a disk left with less than a MiB, and
+        # less than the save still needed, counts as full too
+        if not (is_disk_full(error) or free < min(1 << 20, max(needed - written, 1))):
+            return error
         return disk_full_error(final_dir, needed, error)
 
     def raise_pending(self) -> None:
@@ -217,6 +221,13 @@ class CheckpointWriter:
         if snap.trainer_state_json is not None:  # last: its presence marks a complete folder
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 f.write(snap.trainer_state_json)
+
+
+def _free_bytes(folder: str) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62
 
 
 def _snapshot_bytes(snap: "Snapshot | None") -> int:
