@@ -18,16 +18,10 @@ from raytrainer.checkpoint.pickle_check import UnsafeCheckpointError, check_chec
 
 try:
     from tests.helpers import lm_examples, tiny_gpt2
+    from tests.reliability.crafted import Payload, crafted_distcp
 except ImportError:
+    from crafted import Payload, crafted_distcp
     from helpers import lm_examples, tiny_gpt2
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))  # plain pickle would create the marker file
 
 
 def test_the_payload_runs_under_plain_pickle(tmp_path):
@@ -120,27 +114,6 @@ def _resume(checkpoint, tmp_path, error, match, model=None):
     with pytest.raises(error, match=match):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert not (tmp_path / "next").exists() or not os.listdir(tmp_path / "next")  # no step trained, nothing saved
-
-
-def crafted_distcp(folder, marker, item="optimizer.param_groups.0.lr"):
-    """A DCP folder whose byte item `item` unpickles to the payload (torch.save'd, as DCP writes byte items)."""
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save({"optimizer": {"param_groups.0.lr": 0.1, "param_groups.0.params": [0]}}, checkpoint_id=str(folder))
-    metadata = pickle.loads((folder / ".metadata").read_bytes())
-    from torch.distributed.checkpoint.metadata import MetadataIndex
-
-    info = metadata.storage_data[MetadataIndex(item)]
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(Payload(str(marker)), buffer)
-    data = folder / info.relative_path
-    offset = data.stat().st_size
-    with open(data, "ab") as f:  # the payload appended, the metadata pointed at it: a valid DCP folder
-        f.write(buffer.getvalue())
-    info.offset, info.length = offset, len(buffer.getvalue())
-    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
 
 
 def test_a_dcp_byte_item_with_a_payload_is_refused_on_resume(genuine, tmp_path):
