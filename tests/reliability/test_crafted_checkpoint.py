@@ -204,3 +204,13 @@ def test_a_peft_adapter_with_a_payload_is_refused(tmp_path):
     torch.save({"base_model.model.lm_head.weight": Payload(str(marker))}, checkpoint / "adapter_model.bin")
     _resume(checkpoint, tmp_path, pickle.UnpicklingError, "[Ww]eights only load failed", model=lora())
     assert not marker.exists()
+
+
+def test_pytorch_model_bin_with_a_payload_is_refused(genuine, tmp_path):
+    """Weights in transformers' older format: transformers loads them weights_only (safetensors has no pickle)."""
+    checkpoint = _copy(genuine, tmp_path)
+    (checkpoint / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({"transformer.wte.weight": Payload(str(marker))}, checkpoint / "pytorch_model.bin")
+    _resume(checkpoint, tmp_path, pickle.UnpicklingError, "[Ww]eights only load failed")
+    assert not marker.exists()
