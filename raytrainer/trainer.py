@@ -415,7 +415,7 @@ class Trainer(transformers.Trainer):
         try:
             self._snapshot_and_save(trial)
         except BaseException as e:  # the partial folder goes; a full disk is named with the space it needs
-            error = self._checkpoint_writer.failed(None, e)
+            error = self._checkpoint_writer.failed(e)
             if error is e:
                 raise
             raise error from e

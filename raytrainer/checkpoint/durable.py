@@ -102,13 +102,17 @@ def folder_bytes(path: str) -> int:
     return total
 
 
+class DiskFullError(OSError):
+    """A checkpoint save that found the disk full (errno ENOSPC), with the folder and the space it needs."""
+
+
 def disk_full_error(final: str, needed: int, error: BaseException) -> OSError:
     parent = os.path.dirname(os.path.abspath(final))
     try:
         free = shutil.disk_usage(parent).free
     except OSError:
         free = 0
-    return OSError(
+    return DiskFullError(
         errno.ENOSPC,
         f"No space left on device: writing checkpoint {final} needs about {_mb(needed)} and {parent} has "
         f"{_mb(free)} free ({type(error).__name__}: {str(error)[:200]}). The partial folder was removed and the "

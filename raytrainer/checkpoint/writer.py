@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import leftovers
-from .durable import disk_full_error, folder_bytes, fsync_tree, is_disk_full, put_in_place
+from .durable import DiskFullError, disk_full_error, folder_bytes, fsync_tree, is_disk_full, put_in_place
 from .layout import TMP_PREFIX, latest_checkpoint
 
 OPTIMIZER = "optimizer.pt"
@@ -81,11 +81,12 @@ class CheckpointWriter:
         self.written: list[str] = []
         self._last_copy: threading.Event | None = None
         self._tmp_count = 0
-        self._last_final: str | None = None
+        self._prepared: list[tuple[str, str]] = []  # (final, tmp) made for the save the loop is preparing
 
     # ------------------------------------------------------------------ API
     def save(self, snap: Snapshot) -> None:
         self._raise_pending()
+        self._prepared = []  # the snapshot owns its folders now (a failed write removes them)
         if not self.background:
             self._write(snap)
             return
@@ -96,7 +97,13 @@ class CheckpointWriter:
         self._queue.put(snap)
 
     def tmp_dir_for(self, final_dir: str) -> str:
-        """A fresh, empty temporary folder next to final_dir (renamed to it once complete)."""
+        """A fresh, empty temporary folder next to final_dir (renamed to it once complete), for the save the
+        loop is preparing: failed() removes it should that save break before it reaches save()."""
+        tmp = self._new_tmp(final_dir)
+        self._prepared.append((final_dir, tmp))
+        return tmp
+
+    def _new_tmp(self, final_dir: str) -> str:
         parent, name = os.path.split(os.path.normpath(final_dir))
         os.makedirs(parent, exist_ok=True)
         leftovers.remove_leftovers(parent, TMP_PREFIX + "-", once=True)  # a dead run's partial folders
@@ -105,25 +112,25 @@ class CheckpointWriter:
         tmp = os.path.join(parent, f"{TMP_PREFIX}-{name.rsplit('-', 1)[-1]}-{leftovers.owner_tag()}-{self._tmp_count}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        self._last_final = final_dir
         return leftovers.hold(tmp)
 
-    def failed(self, final_dir: str | None, error: BaseException, snap: "Snapshot | None" = None) -> BaseException:
-        """A save of final_dir (None: the one tmp_dir_for last prepared) failed before or while writing: remove
-        the partial folders held for it, and turn a full disk into one OSError naming the folder and the space
-        needed. Returns the error to raise."""
-        final_dir = final_dir or self._last_final
-        if final_dir is None:
+    def failed(self, error: BaseException) -> BaseException:
+        """The save being prepared on the loop's thread failed before it reached save(): remove the temporary
+        folders tmp_dir_for gave it, and name a full disk. Returns the error to raise."""
+        prepared, self._prepared = self._prepared, []
+        if not prepared:
             return error
-        tmp_prefix = os.path.join(os.path.dirname(os.path.normpath(final_dir)),
-                                  f"{TMP_PREFIX}-{os.path.basename(os.path.normpath(final_dir)).rsplit('-', 1)[-1]}-"
-                                  f"{leftovers.owner_tag()}-")
+        return self._failed(prepared[-1][0], [tmp for _, tmp in prepared], error)
+
+    def _failed(self, final_dir: str, tmps: list[str], error: BaseException, snap: "Snapshot | None" = None):
         parent = os.path.dirname(os.path.normpath(final_dir))
         free = _free_bytes(parent)  # before the partial folder goes: what the failed write left
         written = 0
-        for tmp in leftovers.held(tmp_prefix):
+        for tmp in tmps:
             written = max(written, folder_bytes(tmp))
             leftovers.release(tmp)
+        if any(isinstance(err, DiskFullError) for err in _chain(error)):
+            return error  # named already (a background write's, raised again at this save)
         previous = latest_checkpoint(parent)
         needed = max(folder_bytes(previous) if previous else 0, written + _snapshot_bytes(snap))
         # torch.save's C++ writer loses ENOSPC ("unexpected pos ..."): a disk left with less than a MiB, and
@@ -183,14 +190,15 @@ class CheckpointWriter:
         finally:  # set even on error, so the loop never waits forever; the error surfaces in wait()/save()
             snap.copied.set()
         t0 = time.perf_counter()
+        tmp = snap.tmp_dir
         try:
-            tmp = snap.tmp_dir or self.tmp_dir_for(snap.final_dir)
+            tmp = tmp or self._new_tmp(snap.final_dir)
             self._write_files(snap, tmp)
             fsync_tree(tmp)  # files in every subfolder, then the folders' entries
             put_in_place(tmp, snap.final_dir)  # never deletes an older checkpoint-N before this one is there
             leftovers.release(tmp, remove=False)
         except BaseException as e:
-            error = self.failed(snap.final_dir, e, snap)
+            error = self._failed(snap.final_dir, [tmp] if tmp else [], e, snap)
             if error is e:
                 raise
             raise error from e
@@ -221,6 +229,14 @@ class CheckpointWriter:
         if snap.trainer_state_json is not None:  # last: its presence marks a complete folder
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 f.write(snap.trainer_state_json)
+
+
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def _free_bytes(folder: str) -> int:

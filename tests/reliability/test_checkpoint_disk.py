@@ -120,6 +120,23 @@ def test_a_failed_save_leaves_no_partial_folder(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+class BrokenSave(raytrainer.Trainer):
+    """An overridden save_model (transformers' hook path: it writes into the folder the writer renames)."""
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        with open(os.path.join(output_dir, "model.safetensors"), "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("save_model broke half-way")
+
+
+def test_a_save_that_breaks_before_the_writer_leaves_no_partial_folder(tmp_path):
+    args = raytrainer.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2,
+                                        per_device_train_batch_size=4, report_to="none", disable_tqdm=True)
+    with pytest.raises(RuntimeError, match="^save_model broke half-way$"):
+        BrokenSave(model=tiny_gpt2(), args=args, train_dataset=lm_examples(8)).train()
+    assert os.listdir(tmp_path / "run") == []
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 600 KiB tmpfs: room for one tiny checkpoint (412 KiB) and not two."""
@@ -146,6 +163,7 @@ def test_a_full_disk_stops_the_run_with_the_space_needed_and_the_last_checkpoint
     message = str(info.value)
     assert f"No space left on device: writing checkpoint {run}/checkpoint-4 needs about" in message, message
     assert "MiB free" in message and "last complete checkpoint is intact" in message
+    assert message.count("needs about") == 1, message  # one error, not wrapped twice
     assert sorted(os.listdir(run)) == ["checkpoint-2"]  # no tmp-checkpoint-* left
     # checkpoint-2 resumes: the same weights as an uninterrupted run on normal disk
     full = raytrainer.Trainer(model=tiny_gpt2(), args=_args(tmp_path / "full", seed=3), train_dataset=lm_examples(24))
