@@ -381,6 +381,11 @@ def _train_on_worker(trainer, spec: RunSpec) -> None:
     rank = dist.get_rank()
     resume = None
     restored = ray.train.get_checkpoint()
+    if restored is not None and not trainer._ray.best_in_run(restored.path):
+        # Ray's run state (a file in storage) named a folder outside this run: never downloaded or read
+        logger.warning("raytrainer: Ray restored checkpoint %s, which is not a checkpoint-<step> folder directly "
+                       "inside the run folder %s: ignored", restored.path, spec.run_dir)
+        restored = None
     if restored is not None:
         local = restored.to_directory(trainer._ray.temp_dir("restore", restored.path))
         # Ray also hands back an earlier fit's checkpoint from the same run folder; only a restart of
@@ -584,7 +589,8 @@ class WorkerRun:
         return {"run_dir": origin.rsplit("/", 1)[0], "local": local_fs}
 
     def best_in_run(self, best: str | None) -> bool:
-        """best_model_checkpoint names a checkpoint of this run's folder (never another run's, bucket's)."""
+        """`best` (best_model_checkpoint, a restored checkpoint) names a checkpoint-<step> folder directly in this
+        run's folder (never another run's or bucket's)."""
         import pyarrow.fs as pafs
 
         from .checkpoint.state_check import checkpoint_in_run
