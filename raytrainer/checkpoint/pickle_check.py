@@ -93,9 +93,11 @@ def deepspeed_tag(checkpoint_dir: str, universal: bool = False, fs=None) -> str 
     tags = sorted(os.path.basename(e.path) for e in entries
                   if e.type == pafs.FileType.Directory and pattern.match(os.path.basename(e.path)))
     latest = f"{root}/{'latest_universal' if universal else 'latest'}"
-    if fs.get_file_info(latest).type != pafs.FileType.NotFound:
-        if isinstance(fs, pafs.LocalFileSystem) and os.path.islink(latest):
-            raise UnsafeCheckpointError(f"{latest} is a symbolic link; DeepSpeed's latest file must be a file. {_FIX}")
+    kind = fs.get_file_info(latest).type
+    if kind != pafs.FileType.NotFound:
+        if kind != pafs.FileType.File or (isinstance(fs, pafs.LocalFileSystem) and os.path.islink(latest)):
+            raise UnsafeCheckpointError(f"{latest} is not a plain file (a folder or a symbolic link); DeepSpeed's "
+                                        f"latest must be a file naming a tag. {_FIX}")
         with fs.open_input_stream(latest) as f:
             named = f.read(200).decode("utf-8", errors="replace").strip()
         if not pattern.match(named) or named not in tags:
