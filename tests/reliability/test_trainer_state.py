@@ -133,3 +133,35 @@ def test_a_best_checkpoint_outside_the_run_deletes_nothing_and_is_not_loaded(tmp
         assert sorted(os.listdir(run)) == ["checkpoint-4"]
     finally:
         worker.release_temp_dirs()
+
+
+def test_a_downloaded_checkpoint_is_checked_against_its_run_folder_in_storage(checkpoint, tmp_path):
+    """A worker resumes from a local copy of s3://bucket/runs/a/checkpoint-4: its best checkpoint is one of
+    bucket/runs/a, not of the temporary folder it was downloaded to."""
+    import shutil
+    from types import SimpleNamespace
+
+    from raytrainer.checkpoint.state_check import check_checkpoint_state
+    from raytrainer.ray_run import WorkerRun
+
+    s3 = pafs.S3FileSystem(anonymous=True, region="us-east-1")  # never contacted: only its kind matters
+    spec = SimpleNamespace(storage_filesystem=s3, run_dir="bucket/runs/a")
+    worker = WorkerRun(spec, SimpleNamespace(output_dir=str(tmp_path / "out"), save_total_limit=None))
+    try:
+        downloaded = os.path.join(worker.temp_dir("resume", "bucket/runs/a/checkpoint-4"), "checkpoint-4")
+        restored = worker.temp_dir("restore", "bucket/runs/a/checkpoint-4")  # Ray's to_directory: the folder itself
+        for local in (downloaded, restored):
+            shutil.copytree(checkpoint, local, dirs_exist_ok=True)
+            state = json.loads(open(os.path.join(local, "trainer_state.json")).read())
+            for best, ok in [("bucket/runs/a/checkpoint-2", True), ("bucket/runs/b/checkpoint-2", False),
+                             (os.path.join(os.path.dirname(local), "checkpoint-2"), False)]:
+                with open(os.path.join(local, "trainer_state.json"), "w") as f:
+                    json.dump({**state, "best_model_checkpoint": best}, f)
+                if ok:
+                    check_checkpoint_state(local, **worker.resume_origin(local))
+                else:
+                    with pytest.raises(ValueError, match="directly inside this run's folder 'bucket/runs/a'"):
+                        check_checkpoint_state(local, **worker.resume_origin(local))
+    finally:
+        worker.release_temp_dirs()
+    assert not os.path.exists(downloaded) and not os.path.exists(restored)
