@@ -369,6 +369,7 @@ def worker_main(config):
     trainer._fit_id = spec.fit_id
     try:  # every download and staging folder goes when the run ends or fails (leftovers.py)
         _train_on_worker(trainer, spec)
+        trainer._ray.wait_for_uploads()  # this rank's background uploads still read its staging folder
     finally:
         trainer._ray.release_temp_dirs()
     dist.barrier()
