@@ -366,7 +366,6 @@ def _load_weights(model, folder):
 
 # ====================================================================== worker
 def worker_main(config):
-    import ray.train
     import torch.distributed as dist
 
     spec: RunSpec = config["spec"]
@@ -379,20 +378,38 @@ def worker_main(config):
         logger.info("raytrainer: worker 0 entered the train function %.1f s after fit(); Trainer built in %.1f s",
                     entered - spec.submitted_at, time.time() - entered)
     trainer._fit_id = spec.fit_id
+    try:  # every download and staging folder goes when the run ends or fails (leftovers.py)
+        _train_on_worker(trainer, spec)
+        trainer._ray.wait_for_uploads()  # this rank's background uploads still read its staging folder
+    finally:
+        trainer._ray.release_temp_dirs()
+    dist.barrier()
+
+
+def _train_on_worker(trainer, spec: RunSpec) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
     resume = None
     restored = ray.train.get_checkpoint()
+    if restored is not None and not trainer._ray.best_in_run(restored.path):
+        # Ray's run state (a file in storage) named a folder outside this run: never downloaded or read
+        logger.warning("raytrainer: Ray restored checkpoint %s, which is not a checkpoint-<step> folder directly "
+                       "inside the run folder %s: ignored", restored.path, spec.run_dir)
+        restored = None
     if restored is not None:
-        local = restored.to_directory(tempfile.mkdtemp(prefix="raytrainer-restore-"))
+        local = restored.to_directory(trainer._ray.temp_dir("restore", restored.path))
         # Ray also hands back an earlier fit's checkpoint from the same run folder; only a restart of
         # this fit (a worker died) resumes from it, as a fresh train() starts fresh in transformers.
         if _fit_id_of(local) == spec.fit_id:
             resume = local
     if resume is None and spec.resume is not None:
-        resume = _fetch_checkpoint(spec, spec.resume) if spec.resume_in_storage else spec.resume
+        resume = trainer._ray.fetch_resume(spec.resume) if spec.resume_in_storage else spec.resume
     trial, ignore_keys_for_eval = spec.train_call
     trainer.train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
-    final = os.path.join(tempfile.mkdtemp(prefix="raytrainer-final-"), FINAL_MODEL)
+    final = os.path.join(trainer._ray.temp_dir("final"), FINAL_MODEL)
     # every rank: a sharded model (fsdp, deepspeed) gathers its full weights to rank 0, which writes them
     trainer.save_model(final)
     if rank != 0:
@@ -402,7 +419,6 @@ def worker_main(config):
         trainer.state.save_to_json(os.path.join(final, TRAINER_STATE))
         _upload(spec, final, FINAL_MODEL)
         _send_final_state(spec, trainer)
-    dist.barrier()
 
 
 def eval_worker_main(config):
@@ -523,10 +539,9 @@ def _fit_id_of(checkpoint_dir: str) -> str | None:
     return None if meta is None else meta.get("fit_id")
 
 
-def _fetch_checkpoint(spec: RunSpec, path_in_storage: str) -> str:
-    fs = spec.storage_filesystem
-    local = os.path.join(tempfile.mkdtemp(prefix="raytrainer-resume-"), os.path.basename(path_in_storage))
-    storage.download_dir(fs, path_in_storage, local)
+def _fetch_checkpoint(spec: RunSpec, path_in_storage: str, into: str) -> str:
+    local = os.path.join(into, os.path.basename(path_in_storage))
+    storage.download_dir(spec.storage_filesystem, path_in_storage, local)
     return local
 
 
@@ -548,12 +563,52 @@ class WorkerRun:
         self.output_dir = os.path.abspath(args.output_dir)
         self.same_folder = isinstance(spec.storage_filesystem, pafs.LocalFileSystem) and \
             os.path.abspath(spec.run_dir) == self.output_dir
-        self._tmp_root = tempfile.mkdtemp(prefix="raytrainer-ckpt-")
+        self._temp_dirs: dict[str, str | None] = {}  # local temp folder -> the storage folder it copies
+        self._tmp_root = self.temp_dir("ckpt")
         # remote storage (S3): uploads run in Ray's upload thread (ASYNC), retried through an outage while
         # training goes on; local storage keeps the synchronous report
         self.in_background = not isinstance(spec.storage_filesystem, pafs.LocalFileSystem)
         self._pending = 0  # background uploads not finished yet
         self._drained = threading.Condition()
+
+    def temp_dir(self, kind: str, origin: str | None = None) -> str:
+        """A temp folder removed by release_temp_dirs (and, should this process die, by the next run)."""
+        from .checkpoint import leftovers
+
+        path = leftovers.temp_dir(kind)
+        self._temp_dirs[path] = origin
+        return path
+
+    def release_temp_dirs(self) -> None:
+        from .checkpoint import leftovers
+
+        for path in list(self._temp_dirs):
+            leftovers.release(path)
+        self._temp_dirs.clear()
+
+    def fetch_resume(self, path_in_storage: str) -> str:
+        return _fetch_checkpoint(self.spec, path_in_storage, self.temp_dir("resume", path_in_storage))
+
+    def resume_origin(self, local: str) -> dict:
+        """check_checkpoint_state's run folder for a downloaded checkpoint: its folder in storage."""
+        import pyarrow.fs as pafs
+
+        local = os.path.abspath(local)  # a download is <temp>/checkpoint-N, a restored one the temp folder itself
+        origin = self._temp_dirs.get(local) or self._temp_dirs.get(os.path.dirname(local))
+        if origin is None:
+            return {}
+        local_fs = isinstance(self.spec.storage_filesystem, pafs.LocalFileSystem)
+        return {"run_dir": origin.rsplit("/", 1)[0], "local": local_fs}
+
+    def best_in_run(self, best: str | None) -> bool:
+        """`best` (best_model_checkpoint, a restored checkpoint) names a checkpoint-<step> folder directly in this
+        run's folder (never another run's or bucket's)."""
+        import pyarrow.fs as pafs
+
+        from .checkpoint.state_check import checkpoint_in_run
+
+        return checkpoint_in_run(best, self.spec.run_dir,
+                                 local=isinstance(self.spec.storage_filesystem, pafs.LocalFileSystem))
 
     def staging_dir(self, rank: int) -> str:
         return self.output_dir if rank == 0 and not self.same_folder else self._tmp_root
@@ -661,14 +716,22 @@ class WorkerRun:
         """transformers' end of train(): with save_total_limit=1 only the best checkpoint stays."""
         self.wait_for_uploads()  # every checkpoint in storage and rotated first
         best = trainer.state.best_model_checkpoint
-        if self.args.save_total_limit == 1 and best is not None:
+        if self.args.save_total_limit == 1 and best is not None and not self.best_in_run(best):
+            logger.warning("raytrainer: best_model_checkpoint=%r is not a checkpoint of this run's folder %s: "
+                           "save_total_limit=1 deletes none of its checkpoints", best, self.spec.run_dir)
+        elif self.args.save_total_limit == 1 and best is not None:
             for path in self._checkpoints_in_storage().values():
                 if path != best:
                     storage.delete_dir(self.spec.storage_filesystem, path)
 
     def fetch(self, path_in_storage: str) -> str:
+        """A checkpoint of this run (load_best_model_at_end) as a local copy; the caller removes its folder."""
+        if not self.best_in_run(path_in_storage):
+            raise ValueError(f"best_model_checkpoint={path_in_storage!r} is not a checkpoint-<step> folder directly "
+                             f"inside this run's folder {self.spec.run_dir!r}: not loaded. Resume from a checkpoint "
+                             "whose trainer_state.json names one of its own run's checkpoints.")
         self.wait_for_uploads()  # e.g. the best checkpoint at the end may still be on its way
-        return _fetch_checkpoint(self.spec, path_in_storage)
+        return _fetch_checkpoint(self.spec, path_in_storage, self.temp_dir("best", path_in_storage))
 
 
 __all__ = ["RunSpec", "run_on_ray", "worker_main", "storage_location"]

@@ -309,7 +309,9 @@ class Trainer(transformers.Trainer):
         if not os.path.isdir(resume_from_checkpoint):
             # transformers' own message (its _load_from_checkpoint), so code that matches on it keeps working
             raise ValueError(f"Can't find a valid checkpoint at {resume_from_checkpoint}")
-        check_checkpoint_state(resume_from_checkpoint)  # a malformed trainer_state.json is named here
+        # a malformed trainer_state.json is named here; a downloaded copy's best checkpoint is one of its run in storage
+        check_checkpoint_state(resume_from_checkpoint,
+                               **(self._ray.resume_origin(resume_from_checkpoint) if self._ray is not None else {}))
         return resume_from_checkpoint
 
     def _inner_training_loop(self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None,
@@ -414,6 +416,11 @@ class Trainer(transformers.Trainer):
         t0 = time.perf_counter()
         try:
             self._snapshot_and_save(trial)
+        except BaseException as e:  # the partial folder goes; a full disk is named with the space it needs
+            error = self._checkpoint_writer.failed(e)
+            if error is e:
+                raise
+            raise error from e
         finally:  # what the loop waited for: the copy, plus the write when it is not in the background
             self._checkpoint_writer.blocked_s += time.perf_counter() - t0
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import posixpath
 
 from transformers import TrainerState
 
@@ -32,8 +33,10 @@ _EXPECTED: dict[str, tuple] = {
 _NON_NEGATIVE = ("global_step", "max_steps", "num_input_tokens_seen", "train_batch_size", "best_global_step")
 
 
-def check_trainer_state_text(text: str, where: str) -> dict:
-    """The parsed state, or ValueError naming `where` (the file) and what is wrong."""
+def check_trainer_state_text(text: str, where: str, run_dir: str | None = None, local: bool = True) -> dict:
+    """The parsed state, or ValueError naming `where` (the file) and what is wrong. `run_dir`: the folder
+    best_model_checkpoint must sit directly in (default: the folder holding the checked checkpoint);
+    `local`: paths on this machine (relative ones resolve against the working directory), else storage paths."""
     fix = "; resume from another checkpoint, or restore this file from the run that wrote it."
     try:
         state = json.loads(text)
@@ -63,25 +66,53 @@ def check_trainer_state_text(text: str, where: str) -> dict:
     if not all(isinstance(entry, dict) for entry in state.get("log_history", [])):
         raise ValueError(f"{where}: log_history must be a list of objects{fix}")
     best = state.get("best_model_checkpoint")
-    if best is not None and (checkpoint_step(best) is None or ".." in best.replace("\\", "/").split("/")):
+    if run_dir is None:  # <run>/checkpoint-N/trainer_state.json
+        run_dir = os.path.dirname(os.path.dirname(where)) if local else posixpath.dirname(posixpath.dirname(where))
+    if best is not None and not checkpoint_in_run(best, run_dir, local):
         raise ValueError(f"{where}: best_model_checkpoint={best!r} must be the path of a checkpoint-<step> "
-                         f"folder of this run{fix}")
+                         f"folder directly inside this run's folder {run_dir!r} (not an absolute path elsewhere, "
+                         f"'..', or another bucket); set it to {_join(run_dir, 'checkpoint-<step>', local)!r} or "
+                         f"null{fix}")
     return state
 
 
-def check_checkpoint_state(checkpoint_dir: str) -> dict:
-    """Check `<checkpoint_dir>/trainer_state.json` on local disk (absent: transformers' own message later)."""
+def checkpoint_in_run(path: str | None, run_dir: str, local: bool = True) -> bool:
+    """True when `path` names a `checkpoint-<step>` folder directly inside `run_dir` (no '..' anywhere, no
+    other scheme or bucket). `local`: both are paths on this machine; else paths in a storage filesystem."""
+    if not isinstance(path, str) or checkpoint_step(path) is None or "\x00" in path:
+        return False
+    parts = path.replace("\\", "/").split("/")
+    if ".." in parts or "://" in path:
+        return False
+    if local:
+        return os.path.dirname(os.path.abspath(path)) == os.path.abspath(run_dir)
+    return posixpath.dirname(posixpath.normpath(path)) == posixpath.normpath(run_dir.rstrip("/"))
+
+
+def _join(run_dir: str, name: str, local: bool) -> str:
+    return os.path.join(run_dir, name) if local else posixpath.join(run_dir, name)
+
+
+def check_checkpoint_state(checkpoint_dir: str, run_dir: str | None = None, local: bool = True) -> dict:
+    """Check `<checkpoint_dir>/trainer_state.json` on local disk (absent: transformers' own message later).
+    `run_dir` / `local`: where best_model_checkpoint must be (a downloaded copy: its folder in storage)."""
     path = os.path.join(checkpoint_dir, TRAINER_STATE)
     if not os.path.isfile(path):
         return {}
+    if run_dir is None:
+        run_dir = os.path.dirname(os.path.abspath(checkpoint_dir))
     with open(path, encoding="utf-8") as f:
-        return check_trainer_state_text(f.read(), path)
+        return check_trainer_state_text(f.read(), path, run_dir, local)
 
 
 def check_state_in_storage(fs, checkpoint: str) -> None:
     """The same check for a checkpoint in storage (a pyarrow filesystem path, e.g. a bucket)."""
+    import pyarrow.fs as pafs
+
     path = f"{checkpoint}/{TRAINER_STATE}"
     if fs.get_file_info(path).type.name != "File":
         raise ValueError(f"{checkpoint}: no {TRAINER_STATE}, so not a complete checkpoint; resume from another one.")
     with fs.open_input_stream(path) as f:
-        check_trainer_state_text(f.read().decode("utf-8", errors="replace"), path)
+        text = f.read().decode("utf-8", errors="replace")
+    local = isinstance(fs, pafs.LocalFileSystem)
+    check_trainer_state_text(text, path, posixpath.dirname(checkpoint.rstrip("/")), local)

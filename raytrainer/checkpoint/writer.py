@@ -6,6 +6,11 @@ thread writes snapshots in order; it first copies the live parameters and optimi
 `wait_copied()`. So the loop blocks for neither the copy nor the write. `wait()` joins
 outstanding writes: the loop calls it before anything reads checkpoints (rotation, load best,
 resume, end of training).
+
+The temporary folder is named after its process (leftovers.py): a failed write removes it, and a later
+run removes a dead run's. A complete folder is fsynced to the last directory entry and put in place
+without deleting an older save of the same step first (durable.py). A full disk is one OSError(ENOSPC)
+naming the folder and the space it needs.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from .layout import TMP_PREFIX
+from . import leftovers
+from .durable import DiskFullError, disk_full_error, folder_bytes, fsync_tree, is_disk_full, put_in_place
+from .layout import TMP_PREFIX, latest_checkpoint
 
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
@@ -74,10 +81,12 @@ class CheckpointWriter:
         self.written: list[str] = []
         self._last_copy: threading.Event | None = None
         self._tmp_count = 0
+        self._prepared: list[tuple[str, str]] = []  # (final, tmp) made for the save the loop is preparing
 
     # ------------------------------------------------------------------ API
     def save(self, snap: Snapshot) -> None:
         self._raise_pending()
+        self._prepared = []  # the snapshot owns its folders now (a failed write removes them)
         if not self.background:
             self._write(snap)
             return
@@ -88,14 +97,47 @@ class CheckpointWriter:
         self._queue.put(snap)
 
     def tmp_dir_for(self, final_dir: str) -> str:
-        """A fresh, empty temporary folder next to final_dir (renamed to it once complete)."""
+        """A fresh, empty temporary folder next to final_dir (renamed to it once complete), for the save the
+        loop is preparing: failed() removes it should that save break before it reaches save()."""
+        tmp = self._new_tmp(final_dir)
+        self._prepared.append((final_dir, tmp))
+        return tmp
+
+    def _new_tmp(self, final_dir: str) -> str:
         parent, name = os.path.split(os.path.normpath(final_dir))
+        os.makedirs(parent, exist_ok=True)
+        leftovers.remove_leftovers(parent, TMP_PREFIX + "-", once=True)  # a dead run's partial folders
         # unique per save: the same step may be saved twice (a save step that also ends an epoch)
         self._tmp_count += 1
-        tmp = os.path.join(parent, f"{TMP_PREFIX}-{name.rsplit('-', 1)[-1]}-{os.getpid()}-{self._tmp_count}")
+        tmp = os.path.join(parent, f"{TMP_PREFIX}-{name.rsplit('-', 1)[-1]}-{leftovers.owner_tag()}-{self._tmp_count}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        return tmp
+        return leftovers.hold(tmp)
+
+    def failed(self, error: BaseException) -> BaseException:
+        """The save being prepared on the loop's thread failed before it reached save(): remove the temporary
+        folders tmp_dir_for gave it, and name a full disk. Returns the error to raise."""
+        prepared, self._prepared = self._prepared, []
+        if not prepared:
+            return error
+        return self._failed(prepared[-1][0], [tmp for _, tmp in prepared], error)
+
+    def _failed(self, final_dir: str, tmps: list[str], error: BaseException, snap: "Snapshot | None" = None):
+        parent = os.path.dirname(os.path.normpath(final_dir))
+        free = _free_bytes(parent)  # before the partial folder goes: what the failed write left
+        written = 0
+        for tmp in tmps:
+            written = max(written, folder_bytes(tmp))
+            leftovers.release(tmp)
+        if any(isinstance(err, DiskFullError) for err in _chain(error)):
+            return error  # named already (a background write's, raised again at this save)
+        previous = latest_checkpoint(parent)
+        needed = max(folder_bytes(previous) if previous else 0, written + _snapshot_bytes(snap))
+        # torch.save's C++ writer loses ENOSPC ("unexpected pos ..."): a disk left with less than a MiB, and
+        # less than the save still needed, counts as full too
+        if not (is_disk_full(error) or free < min(1 << 20, max(needed - written, 1))):
+            return error
+        return disk_full_error(final_dir, needed, error)
 
     def raise_pending(self) -> None:
         """Re-raise a background write's error now, without waiting."""
@@ -148,7 +190,25 @@ class CheckpointWriter:
         finally:  # set even on error, so the loop never waits forever; the error surfaces in wait()/save()
             snap.copied.set()
         t0 = time.perf_counter()
-        tmp = snap.tmp_dir or self.tmp_dir_for(snap.final_dir)
+        tmp = snap.tmp_dir
+        try:
+            tmp = tmp or self._new_tmp(snap.final_dir)
+            self._write_files(snap, tmp)
+            fsync_tree(tmp)  # files in every subfolder, then the folders' entries
+            put_in_place(tmp, snap.final_dir)  # never deletes an older checkpoint-N before this one is there
+            leftovers.release(tmp, remove=False)
+        except BaseException as e:
+            error = self._failed(snap.final_dir, [tmp] if tmp else [], e, snap)
+            if error is e:
+                raise
+            raise error from e
+        self.write_s += time.perf_counter() - t0
+        self.written.append(snap.final_dir)
+        if snap.after is not None:
+            snap.after(snap.final_dir)
+
+    @staticmethod
+    def _write_files(snap: Snapshot, tmp: str) -> None:
         if snap.model_state is not None:
             if snap.save_model_fn is not None:
                 snap.save_model_fn(tmp, snap.model_state)
@@ -169,23 +229,36 @@ class CheckpointWriter:
         if snap.trainer_state_json is not None:  # last: its presence marks a complete folder
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 f.write(snap.trainer_state_json)
-        _fsync_dir(tmp)
-        if os.path.isdir(snap.final_dir):  # an older save of the same step (e.g. epoch end == save step)
-            shutil.rmtree(snap.final_dir)
-        os.replace(tmp, snap.final_dir)
-        self.write_s += time.perf_counter() - t0
-        self.written.append(snap.final_dir)
-        if snap.after is not None:
-            snap.after(snap.final_dir)
 
 
-def _fsync_dir(path: str) -> None:
-    for name in os.listdir(path):
-        fd = os.open(os.path.join(path, name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _free_bytes(folder: str) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 1 << 62
+
+
+def _snapshot_bytes(snap: "Snapshot | None") -> int:
+    """Bytes of the tensors a snapshot still had to write (the space a save needs, roughly)."""
+    total = 0
+    stack = [getattr(snap, name, None) for name in ("model_state", "optimizer_state")] if snap is not None else []
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
 
 
 def state_to_json(state) -> str:

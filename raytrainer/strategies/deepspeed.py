@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import glob
 import json
 import logging
 import os
@@ -53,6 +52,7 @@ import re
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.pickle_check import deepspeed_tag
 from .base import Strategy
 
 logger = logging.getLogger("raytrainer")
@@ -123,24 +123,17 @@ def deepspeed_config(args, world_size: int, model=None, max_steps: int | None = 
 _PARTITION = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
-def checkpoint_world_size(folder: str, fs=None) -> tuple[int | None, str | None]:
+def checkpoint_world_size(folder: str, fs=None, universal: bool = False) -> tuple[int | None, str | None]:
     """(data-parallel world size, tag) of the DeepSpeed state in `folder` (a pyarrow filesystem path, or a
-    local path when fs is None): the number of ranks with an optimizer partition in the tag `latest`
-    names. (None, tag) when the state is not partitioned (ZeRO-0) or absent."""
+    local path when fs is None): the number of ranks with an optimizer partition in the tag a resume loads
+    (pickle_check.deepspeed_tag, which refuses a `latest` naming anything else). (None, tag) when the
+    state is not partitioned (ZeRO-0) or absent."""
     import pyarrow.fs as pafs
 
     if fs is None:
         fs, folder = pafs.LocalFileSystem(), os.path.abspath(folder)
     folder = folder.rstrip("/")
-    tag = None
-    try:
-        with fs.open_input_stream(f"{folder}/latest") as f:
-            tag = f.read().decode().strip()
-    except (FileNotFoundError, OSError):
-        entries = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-        tags = sorted(os.path.basename(e.path) for e in entries
-                      if e.type == pafs.FileType.Directory and os.path.basename(e.path).startswith("global_step"))
-        tag = tags[-1] if len(tags) == 1 else None
+    tag = deepspeed_tag(folder, universal, fs)
     if not tag:
         return None, None
     files = fs.get_file_info(pafs.FileSelector(f"{folder}/{tag}", allow_not_found=True))
@@ -151,7 +144,8 @@ def checkpoint_world_size(folder: str, fs=None) -> tuple[int | None, str | None]
 def check_checkpoint_world_size(args, folder: str, world_size: int, fs=None) -> None:
     """ValueError when `folder`'s ZeRO optimizer partitions were written by another number of ranks."""
     config = load_config(args.deepspeed)
-    if (config.get("checkpoint") or {}).get("load_universal"):
+    if _universal(config):
+        deepspeed_tag(folder, True, fs)  # a `latest_universal` naming another folder is refused here too
         return  # DeepSpeed's universal format loads on any world size
     saved, tag = checkpoint_world_size(folder, fs)
     if saved is None or saved == world_size:
@@ -267,7 +261,11 @@ class DeepSpeedStrategy(Strategy):
         return any(not p.requires_grad for p in self.engine.module.parameters())
 
     def load_checkpoint(self, trainer, folder):
-        if not glob.glob(os.path.join(folder, "global_step*")):
+        from ..checkpoint.pickle_check import check_checkpoint_pickles, safe_deepspeed_load
+
+        universal = bool(self.engine.load_universal_checkpoint())
+        tag = deepspeed_tag(folder, universal)  # never `latest` followed by DeepSpeed itself
+        if tag is None:
             logger.warning("raytrainer: %s has no DeepSpeed state (global_step*/): weights resumed, optimizer state "
                            "starts fresh", folder)
             if getattr(trainer, "_sharded_build", None) is not None:
@@ -278,7 +276,11 @@ class DeepSpeedStrategy(Strategy):
         else:
             # the driver checked a checkpoint it could see; a restart or a storage path is checked here
             check_checkpoint_world_size(self.args, folder, dist.get_world_size())
-            path, _ = self.engine.load_checkpoint(folder, load_module_strict=not self._frozen(),
+            if universal:  # the loop checked the plain tag's files; these are the universal tag's
+                check_checkpoint_pickles(folder, universal=True)
+            # DeepSpeed's own loader unpickles with weights_only=False: this one cannot build other objects
+            self.engine.checkpoint_engine.load = safe_deepspeed_load
+            path, _ = self.engine.load_checkpoint(folder, tag=tag, load_module_strict=not self._frozen(),
                                                   load_optimizer_states=True,
                                                   load_lr_scheduler_states=self.own_scheduler)
             if path is None:
@@ -302,3 +304,7 @@ class DeepSpeedStrategy(Strategy):
                 if full is not None and name in full:
                     p.data.copy_(full[name].to(p.device, p.dtype))
                 dist.broadcast(p.data, src=0)
+
+
+def _universal(config: dict) -> bool:
+    return bool((config.get("checkpoint") or {}).get("load_universal"))

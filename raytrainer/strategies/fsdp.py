@@ -165,8 +165,9 @@ class FSDPStrategy(Strategy):
         dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
 
     def load_checkpoint(self, trainer, folder):
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from ..checkpoint.pickle_check import safe_dcp_load
 
         model, optimizer = trainer.model_wrapped, trainer.optimizer
         if not os.path.isdir(os.path.join(folder, OPTIMIZER_DIR)):
@@ -179,9 +180,10 @@ class FSDPStrategy(Strategy):
             return Strategy.load_checkpoint(self, trainer, folder)
         options = _options(model)
         model_state, optim_state = get_state_dict(model, optimizer, options=options)
-        # DCP reads each tensor's slices from whichever files hold them: any worker count loads it
-        dcp.load({"model": model_state}, checkpoint_id=os.path.join(folder, MODEL_DIR))
-        dcp.load({"optimizer": optim_state}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
+        # DCP reads each tensor's slices from whichever files hold them: any worker count loads it. Its own
+        # reader and planner unpickle freely; these read only DCP's classes and weights-only byte items
+        safe_dcp_load({"model": model_state}, os.path.join(folder, MODEL_DIR))
+        safe_dcp_load({"optimizer": optim_state}, os.path.join(folder, OPTIMIZER_DIR))
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
         _load_scheduler(trainer, folder)
 
