@@ -40,6 +40,7 @@ from .data.checks import check_train_dataset
 from .data.ray_data import is_ray_dataset
 from .event_stream import DriverStream, StreamToDriver
 from .quiet import worker_logs
+from .redact import state_without_secrets
 from .strategies.build import is_skeleton
 
 logger = logging.getLogger("raytrainer")
@@ -388,7 +389,7 @@ def worker_main(config):
         shutil.rmtree(os.path.dirname(final), ignore_errors=True)
     if rank == 0:
         trainer._ray.after_training(trainer)
-        trainer.state.save_to_json(os.path.join(final, TRAINER_STATE))
+        state_without_secrets(trainer.state).save_to_json(os.path.join(final, TRAINER_STATE))
         _upload(spec, final, FINAL_MODEL)
         _send_final_state(spec, trainer)
     dist.barrier()
