@@ -37,7 +37,7 @@ from .checkpoint import CheckpointWriter, Snapshot, latest_checkpoint
 from .checkpoint.state_check import check_checkpoint_state
 from .checkpoint.writer import state_to_json, to_cpu
 from .loop import TrainingLoop, world_info
-from .redact import redact_file, redacted_errors, save_args_without_secrets, state_without_secrets
+from .redact import redact_file, redact_text, redacted_errors, save_args_without_secrets, state_without_secrets
 from .data.ray_data import is_ray_dataset
 from .strategies.base import is_lomo
 from .strategies.build import is_skeleton
@@ -271,8 +271,14 @@ class Trainer(transformers.Trainer):
         """transformers' repo creation; without a network, one clear line and training goes on."""
         try:
             return super().init_hf_repo(token=token, private=private)
-        except Exception as e:  # noqa: BLE001 - offline mode, no route, bad token: all mean "not now"
-            self._hub_unreachable = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        except Exception as e:  # noqa: BLE001 - offline mode, no route: "not now"; a refused token: an error
+            said = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            if getattr(getattr(e, "response", None), "status_code", None) in (401, 403):
+                raise ValueError(redact_text(
+                    f"push_to_hub: the Hugging Face Hub refused the token ({said}). Set hub_token (or HF_TOKEN, or "
+                    f"run `hf auth login`) to a token with write access to {self.args.hub_model_id or 'the repo'}, "
+                    "or set push_to_hub=False.")) from None
+            self._hub_unreachable = said
             self.hub_model_id = None
             logger.warning("push_to_hub: the Hugging Face Hub is unreachable (%s); training goes on, the model and "
                            "its card are saved in output_dir=%s; push later with trainer.push_to_hub().",
@@ -624,7 +630,9 @@ class Trainer(transformers.Trainer):
         """raytrainer_run.pt: the world size and global batch of this run, and its data position in samples
         when raytrainer's sampler placed the data (a resume with another global batch starts there)."""
         _, world = world_info()
-        meta = {"world_size": world, "global_batch_size": self._global_batch_size(), "fit_id": self._fit_id}
+        meta = {"world_size": world, "global_batch_size": self._global_batch_size(), "fit_id": self._fit_id,
+                # the run a checkpoint belongs to: the first fit's id, kept by every resume (retention's scope)
+                "lineage": getattr(self, "_lineage", None) or self._fit_id}
         loader = getattr(self.callback_handler, "train_dataloader", None)
         # our sampler inside a DataLoader, or a Ray Data shard's loader itself (loop.build_train_dataloader)
         trained = getattr(getattr(loader, "batch_sampler", loader), "trained", None)
