@@ -387,8 +387,10 @@ def worker_main(config):
     if resume is None and spec.resume is not None:
         resume = _fetch_checkpoint(spec, spec.resume) if spec.resume_in_storage else spec.resume
     resumed = _run_meta_of(resume) if resume is not None else None
-    # a resume continues its checkpoint's run: retention then also rotates that run's earlier checkpoints
-    trainer._lineage = (resumed or {}).get("lineage") or (resumed or {}).get("fit_id") or spec.fit_id
+    # a resume continues its checkpoint's run: retention then also rotates that run's earlier checkpoints.
+    # A Tune trial is one run in its own folder, whatever it resumes from (a PBT donor's checkpoint too).
+    trainer._lineage = (f"trial:{spec.name}" if spec.train_call[0] is not None else None) or \
+        (resumed or {}).get("lineage") or (resumed or {}).get("fit_id") or spec.fit_id
     trainer._ray.lineage = trainer._lineage
     trial, ignore_keys_for_eval = spec.train_call
     trainer.train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
