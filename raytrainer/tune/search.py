@@ -210,6 +210,9 @@ def TrialLines(max_steps):  # noqa: N802 - a factory: ray.tune is imported only 
 
 
 def _short(config: dict) -> str:
+    from ..redact import redact
+
+    config = redact(dict(config))  # a searched field may be a secret-named one
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
 
