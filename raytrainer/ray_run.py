@@ -103,7 +103,9 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
 
     fit_id = uuid.uuid4().hex
     # one writer per run folder: refused here, before Ray starts a worker, while another live run writes it
-    with RunLease(fs, run_dir, fit_id, name, redact_text(f"{storage_path}/{name}")):
+    # a sweep's trial restarted by Tune (PBT) may find its old actor's process still exiting: a few seconds' grace
+    with RunLease(fs, run_dir, fit_id, name, redact_text(f"{storage_path}/{name}"),
+                  wait_for_local_exit_s=30.0 if trial is not None else 0.0):
         forget_earlier_fit(fs, run_dir)
         overrides = {"train_dataset": None} if datasets else {}
         if trainer.model_init is not None:

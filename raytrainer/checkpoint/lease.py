@@ -90,7 +90,7 @@ def describe(lease: dict) -> str:
 class RunLease:
     """`with RunLease(fs, run_dir, fit_id, run_name, shown):` holds the folder for the block."""
 
-    def __init__(self, fs, run_dir: str, fit_id: str, run_name: str, shown: str):
+    def __init__(self, fs, run_dir: str, fit_id: str, run_name: str, shown: str, wait_for_local_exit_s: float = 0.0):
         self.fs, self.run_dir, self.path = fs, run_dir, f"{run_dir}/{LEASE_FILE}"
         self.shown = shown  # the folder as the user named it (redacted), for messages
         now = time.time()
@@ -99,6 +99,7 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost_to: dict | None = None
+        self.wait_for_local_exit_s = wait_for_local_exit_s
 
     def _refuse(self, other: dict) -> RunFolderBusy:
         return RunFolderBusy(
@@ -107,9 +108,16 @@ class RunLease:
             f"run_name=<another name> (or another output_dir when storage_path is unset), or wait until that run "
             f"ends; a writer that died frees the folder {self.lease['ttl_s']:g} s after its last renewal ({TTL_ENV}).")
 
-    def acquire(self) -> "RunLease":
+    def acquire(self, wait_for_local_exit_s: float = 0.0) -> "RunLease":
+        """`wait_for_local_exit_s`: a holder on this host may be a process on its way out (Tune stopped a trial's
+        old actor just before restarting the trial in a new one): wait that long for it to exit."""
         self.fs.create_dir(self.run_dir, recursive=True)
         current = _read(self.fs, self.path)
+        deadline = time.monotonic() + wait_for_local_exit_s
+        while (current is not None and current.get("fit_id") != self.lease["fit_id"] and is_alive(current)
+               and current.get("host") == socket.gethostname() and time.monotonic() < deadline):
+            time.sleep(0.2)  # polling the holder's process
+            current = _read(self.fs, self.path)
         if current is not None and current.get("fit_id") != self.lease["fit_id"] and is_alive(current):
             raise self._refuse(current)
         if current is not None:
@@ -153,7 +161,7 @@ class RunLease:
                            self.shown, e, self.lease["ttl_s"])
 
     def __enter__(self) -> "RunLease":
-        return self.acquire()
+        return self.acquire(self.wait_for_local_exit_s)
 
     def __exit__(self, *exc) -> None:
         self.release()
