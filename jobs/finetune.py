@@ -944,13 +944,15 @@ def dry_run(job: JobConfig, found: dict) -> None:
     }
     if job.search is not None:
         resolved["search"] = dataclasses.asdict(job.search)
+    from raytrainer.redact import redact, redact_text
+
     print("# resolved config")
-    print(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False).rstrip())
+    print(yaml.safe_dump(redact(resolved), sort_keys=False, default_flow_style=False).rstrip())
     print("# resources")
     print(f"resources: {resources_line(job.training_args, job.search)}")
     print("# writes to")
     for key, value in outputs(job).items():
-        print(f"{key}: {value}")
+        print(f"{key}: {redact_text(str(value))}")
 
 
 # ====================================================================================== the run
@@ -1208,15 +1210,17 @@ def print_summary(summary: dict, rows) -> None:
     from raytrainer.quiet import flush_worker_lines
 
     flush_worker_lines()  # what Ray still holds of the workers' lines goes before the summary, not after
+    from raytrainer.redact import redact, redact_json
+
     print("\n=== raytrainer job summary ===", flush=True)
     for label, key in rows:
         if summary.get(key) is not None:
-            print(f"{label:>16}: {summary[key]}")
+            print(f"{label:>16}: {redact(summary[key], key)}")
     metrics = {k: v for k, v in summary.items() if k.startswith(("eval_", "train_loss", "global_step"))}
     if metrics:
         print(f"{'final metrics':>16}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in metrics.items()))
-    print("RAYTRAINER_RESULT " + json.dumps(summary, default=str), flush=True)
+    print("RAYTRAINER_RESULT " + redact_json(summary), flush=True)
 
 
 def main(argv=None) -> dict | None:
@@ -1230,8 +1234,10 @@ def main(argv=None) -> dict | None:
     if ns.dry_run:
         dry_run(job, found)
         return None
+    from raytrainer.redact import redact_text
+
     for note in job.notes:
-        print(f"[finetune] {note}", flush=True)
+        print(f"[finetune] {redact_text(note)}", flush=True)
     return run(job, found)
 
 
@@ -1239,7 +1245,9 @@ def cli(argv=None) -> int:
     try:
         main(argv)
     except ConfigError as e:
-        print(f"finetune.py: error: {e}", file=sys.stderr, flush=True)
+        from raytrainer.redact import redact_text
+
+        print(f"finetune.py: error: {redact_text(str(e))}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -31,6 +31,7 @@ from transformers.utils import is_torch_tf32_available
 from .fields import REFUSED, REFUSED_ACCELERATOR_OPTIONS
 from .added_checks import run_argument_checks
 from .field_types import check_field_types
+from .redact import redacted_errors
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 NONFINITE_STEPS = ("skip", "stop", "apply")
@@ -168,6 +169,7 @@ class TrainingArguments(transformers.TrainingArguments):
         self.mixed_precision = "fp16" if self.fp16 else "bf16" if self.bf16 else "no"
 
     # ------------------------------------------------------------------ validation
+    @redacted_errors()  # a storage_path with key:secret@ is not echoed as is
     def validate(self) -> "TrainingArguments":
         """Check every value the loop relies on; raise ValueError naming the field and the fix.
 

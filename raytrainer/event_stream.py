@@ -11,6 +11,7 @@ the same way (crossing.py).
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 
@@ -18,6 +19,7 @@ from transformers import TrainerCallback, TrainerState
 
 from .crossing import is_display_callback
 
+logger = logging.getLogger("raytrainer")
 STATE_FIELDS = ("global_step", "max_steps", "epoch", "num_train_epochs", "logging_steps", "eval_steps",
                 "save_steps", "train_batch_size", "best_metric", "best_global_step", "best_model_checkpoint")
 STEP_INTERVAL_S = 0.5  # at most two progress updates a second (the last step always goes)
@@ -94,6 +96,7 @@ class DriverStream:
         self.box = None
         self.final_state = None
         self.eval_result = None
+        self.error = None  # the RayError that ended the pump early, if one did
         self._stop = threading.Event()
         self._thread = None
 
@@ -120,8 +123,14 @@ class DriverStream:
         while not self._stop.wait(0.25):
             try:
                 items = ray.get(self.box.drain.remote())
-            except ray.exceptions.RayError:
-                # this process is being torn down (Tune paused or stopped the trial that owns the box)
+            except ray.exceptions.RayError as e:
+                if self._stop.is_set():  # the fit ended meanwhile (Tune paused or stopped the trial)
+                    return
+                # the box is gone (its node died, Ray shut down): progress lines stop; training goes on
+                self.error = e
+                logger.warning("raytrainer: the driver lost the event stream from rank 0 (%s: %s); progress and "
+                               "log lines stop here, the run itself goes on.", type(e).__name__,
+                               str(e).splitlines()[0][:200] if str(e) else "")
                 return
             self._dispatch(items)
 

@@ -33,13 +33,16 @@ import transformers
 
 from . import storage
 from .checkpoint.layout import TRAINER_STATE, checkpoint_step
-from .checkpoint.retention import checkpoints_to_delete
+from .checkpoint.lease import RunLease
+from .checkpoint.retention import checkpoints_to_delete, forget_earlier_fit
 from .checkpoint.state_check import check_state_in_storage
+from .checkpoint.upload import UPLOAD_WAIT_MARGIN_S
 from .crossing import TrainerBlueprint, apply_final_state, final_state, restore_callback_states
 from .data.checks import check_train_dataset
 from .data.ray_data import is_ray_dataset
 from .event_stream import DriverStream, StreamToDriver
 from .quiet import worker_logs
+from .redact import redact_text, state_without_secrets
 from .strategies.build import is_skeleton
 
 logger = logging.getLogger("raytrainer")
@@ -100,23 +103,30 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
     if resume is not None and args.restore_callback_states_from_checkpoint:
         restore_callback_states(trainer, _read_state(fs if resume_in_storage else None, resume))
 
-    overrides = {"train_dataset": None} if datasets else {}
-    if trainer.model_init is not None:
-        overrides["model"] = None  # each worker calls model_init itself
-    blueprint = _blueprint(trainer, **overrides)
-    spec = _spec(trainer, blueprint, fs, run_dir, name, resume=resume, resume_in_storage=resume_in_storage,
-                 dataset_rows=None, datasets=datasets)
-    spec.train_call = (trial, ignore_keys_for_eval)
-    with DriverStream(trainer) as stream:
-        spec.events = stream.box
-        _fit(args, worker_main, spec, name, base, fs, datasets)
-    if is_skeleton(trainer.model):
-        # the driver held a skeleton while the workers trained (call_model_init): now the trained model
-        trainer.model = transformers.Trainer.call_model_init(trainer, trial)
-    output = load_results(trainer, fs, run_dir)
-    if stream.final_state is not None:
-        apply_final_state(trainer, stream.final_state)
-    return output
+    fit_id = uuid.uuid4().hex
+    # one writer per run folder: refused here, before Ray starts a worker, while another live run writes it
+    # a sweep's trial restarted by Tune (PBT) may find its old actor's process still exiting: a few seconds' grace
+    with RunLease(fs, run_dir, fit_id, name, redact_text(f"{storage_path}/{name}"),
+                  wait_for_local_exit_s=30.0 if trial is not None else 0.0):
+        forget_earlier_fit(fs, run_dir)
+        overrides = {"train_dataset": None} if datasets else {}
+        if trainer.model_init is not None:
+            overrides["model"] = None  # each worker calls model_init itself
+        blueprint = _blueprint(trainer, **overrides)
+        spec = _spec(trainer, blueprint, fs, run_dir, name, resume=resume, resume_in_storage=resume_in_storage,
+                     dataset_rows=None, datasets=datasets)
+        spec.fit_id = fit_id
+        spec.train_call = (trial, ignore_keys_for_eval)
+        with DriverStream(trainer) as stream:
+            spec.events = stream.box
+            _fit(args, worker_main, spec, name, base, fs, datasets)
+        if is_skeleton(trainer.model):
+            # the driver held a skeleton while the workers trained (call_model_init): now the trained model
+            trainer.model = transformers.Trainer.call_model_init(trainer, trial)
+        output = load_results(trainer, fs, run_dir)
+        if stream.final_state is not None:
+            apply_final_state(trainer, stream.final_state)
+        return output
 
 
 def run_eval_on_ray(trainer, method: str, dataset, ignore_keys, metric_key_prefix):
@@ -406,6 +416,12 @@ def _train_on_worker(trainer, spec: RunSpec) -> None:
             resume = local
     if resume is None and spec.resume is not None:
         resume = trainer._ray.fetch_resume(spec.resume) if spec.resume_in_storage else spec.resume
+    resumed = _run_meta_of(resume) if resume is not None else None
+    # a resume continues its checkpoint's run: retention then also rotates that run's earlier checkpoints.
+    # A Tune trial is one run in its own folder, whatever it resumes from (a PBT donor's checkpoint too).
+    trainer._lineage = (f"trial:{spec.name}" if spec.train_call[0] is not None else None) or \
+        (resumed or {}).get("lineage") or (resumed or {}).get("fit_id") or spec.fit_id
+    trainer._ray.lineage = trainer._lineage
     trial, ignore_keys_for_eval = spec.train_call
     trainer.train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
@@ -416,7 +432,7 @@ def _train_on_worker(trainer, spec: RunSpec) -> None:
         shutil.rmtree(os.path.dirname(final), ignore_errors=True)
     if rank == 0:
         trainer._ray.after_training(trainer)
-        trainer.state.save_to_json(os.path.join(final, TRAINER_STATE))
+        state_without_secrets(trainer.state).save_to_json(os.path.join(final, TRAINER_STATE))
         _upload(spec, final, FINAL_MODEL)
         _send_final_state(spec, trainer)
 
@@ -532,10 +548,14 @@ def check_stream_resume(fs, checkpoint: str, num_workers: int) -> None:
                          + _other_order(saved, now, meta["world_size"]) + ".")
 
 
-def _fit_id_of(checkpoint_dir: str) -> str | None:
+def _run_meta_of(checkpoint_dir: str) -> dict | None:
     from .trainer import load_run_meta
 
-    meta = load_run_meta(checkpoint_dir)
+    return load_run_meta(checkpoint_dir)
+
+
+def _fit_id_of(checkpoint_dir: str) -> str | None:
+    meta = _run_meta_of(checkpoint_dir)
     return None if meta is None else meta.get("fit_id")
 
 
@@ -570,6 +590,8 @@ class WorkerRun:
         self.in_background = not isinstance(spec.storage_filesystem, pafs.LocalFileSystem)
         self._pending = 0  # background uploads not finished yet
         self._drained = threading.Condition()
+        self.lineage = spec.fit_id  # the run this fit continues (worker_main sets it after choosing the resume)
+        self._lineage_of: dict[str, str | None] = {}  # checkpoint in storage -> its run (read once each)
 
     def temp_dir(self, kind: str, origin: str | None = None) -> str:
         """A temp folder removed by release_temp_dirs (and, should this process die, by the next run)."""
@@ -697,16 +719,40 @@ class WorkerRun:
         return upload
 
     def wait_for_uploads(self) -> None:
+        """Until every background upload is done; bounded: an upload hung past its retries stops the run."""
+        from .checkpoint.upload import upload_wait_bound_s
+
+        bound = upload_wait_bound_s()
         with self._drained:
-            self._drained.wait_for(lambda: self._pending == 0)
+            if not self._drained.wait_for(lambda: self._pending == 0, timeout=bound):
+                raise TimeoutError(
+                    f"raytrainer: {self._pending} checkpoint upload(s) to {redact_text(self.spec.run_dir)} not finished "
+                    f"after {bound:g} s (RAYTRAINER_STORAGE_RETRY_S + {UPLOAD_WAIT_MARGIN_S:g} s); the run stops here; "
+                    "the newest checkpoint complete in storage resumes it (resume_from_checkpoint=True).")
 
     def _checkpoints_in_storage(self) -> dict[int, str]:
+        """This run's checkpoints in the run folder: another run's (an earlier fresh train() there) are never
+        rotated away; a checkpoint whose run file is not readable yet (being uploaded) is left alone."""
         steps = {}
         for name in storage.list_dirs(self.spec.storage_filesystem, self.spec.run_dir):
             step = checkpoint_step(name)
-            if step is not None:
-                steps[step] = f"{self.spec.run_dir}/{name}"
+            path = f"{self.spec.run_dir}/{name}"
+            if step is not None and self._run_of(path) == self.lineage:
+                steps[step] = path
         return steps
+
+    def _run_of(self, path: str) -> str | None:
+        if path not in self._lineage_of:
+            from .trainer import load_run_meta
+
+            try:
+                meta = load_run_meta(path, self.spec.storage_filesystem)
+            except (OSError, ValueError, RuntimeError):  # partial or foreign: not ours to delete
+                return None
+            if meta is None:
+                return None
+            self._lineage_of[path] = meta.get("lineage") or meta.get("fit_id")
+        return self._lineage_of[path]
 
     def _rotate(self, best_in_storage: str | None) -> None:
         for path in checkpoints_to_delete(self._checkpoints_in_storage(), self.args.save_total_limit, best_in_storage):

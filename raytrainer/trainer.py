@@ -38,7 +38,7 @@ from .checkpoint import CheckpointWriter, Snapshot, latest_checkpoint
 from .checkpoint.state_check import check_checkpoint_state
 from .checkpoint.writer import state_to_json, to_cpu
 from .loop import TrainingLoop, world_info
-from .redact import save_args_without_secrets
+from .redact import redact_file, redact_text, redacted_errors, save_args_without_secrets, state_without_secrets
 from .data.ray_data import is_ray_dataset
 from .strategies.base import is_lomo
 from .strategies.build import is_skeleton
@@ -139,6 +139,7 @@ class Trainer(transformers.Trainer):
         self._rt_base_attrs = (set(self.__dict__) - set_before) | LAZY_BASE_ATTRS
 
     # ------------------------------------------------------------------ train
+    @redacted_errors()  # an error echoing s3://key:secret@ or a token shows neither
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if kwargs:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
@@ -172,6 +173,7 @@ class Trainer(transformers.Trainer):
         return super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
     # ------------------------------------------------------------------ evaluate / predict
+    @redacted_errors()  # an error echoing s3://key:secret@ or a token shows neither
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if self._evaluate_on_workers(dataset):
@@ -187,6 +189,7 @@ class Trainer(transformers.Trainer):
             return metrics
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
+    @redacted_errors()  # an error echoing s3://key:secret@ or a token shows neither
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
         if self._evaluate_on_workers(test_dataset):
             from .ray_run import run_eval_on_ray
@@ -247,6 +250,7 @@ class Trainer(transformers.Trainer):
                 cb.logging_dir = os.path.abspath(os.path.expanduser(self.args.logging_dir))
 
     # ------------------------------------------------------------------ hyperparameter search
+    @redacted_errors()  # an error echoing s3://key:secret@ or a token shows neither
     def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials=20, direction="minimize",
                               backend=None, hp_name=None, **kwargs):
         """transformers' hyperparameter_search, on Ray Tune: every trial is a raytrainer run (tune/search.py).
@@ -267,8 +271,14 @@ class Trainer(transformers.Trainer):
         """transformers' repo creation; without a network, one clear line and training goes on."""
         try:
             return super().init_hf_repo(token=token, private=private)
-        except Exception as e:  # noqa: BLE001 - offline mode, no route, bad token: all mean "not now"
-            self._hub_unreachable = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        except Exception as e:  # noqa: BLE001 - offline mode, no route: "not now"; a refused token: an error
+            said = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            if getattr(getattr(e, "response", None), "status_code", None) in (401, 403):
+                raise ValueError(redact_text(
+                    f"push_to_hub: the Hugging Face Hub refused the token ({said}). Set hub_token (or HF_TOKEN, or "
+                    f"run `hf auth login`) to a token with write access to {self.args.hub_model_id or 'the repo'}, "
+                    "or set push_to_hub=False.")) from None
+            self._hub_unreachable = said
             self.hub_model_id = None
             logger.warning("push_to_hub: the Hugging Face Hub is unreachable (%s); training goes on, the model and "
                            "its card are saved in output_dir=%s; push later with trainer.push_to_hub().",
@@ -287,6 +297,11 @@ class Trainer(transformers.Trainer):
             return None
         return super().push_to_hub(commit_message=commit_message, blocking=blocking, token=token,
                                    revision=revision, **kwargs)
+
+    def create_model_card(self, *args, **kwargs):
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():  # transformers' card may quote a storage URI or a dataset's signed URL
+            redact_file(os.path.join(self.args.output_dir, "README.md"))
 
     def _push_from_checkpoint(self, checkpoint_folder):
         if self._hub_unreachable or self.hub_model_id is None:
@@ -470,7 +485,7 @@ class Trainer(transformers.Trainer):
             snap.model_aliases = _shared_keys(live)  # tied weights stay one tensor, saved once as transformers does
             snap.save_model_fn = lambda out_dir, state_dict: self._save(out_dir, state_dict=state_dict)
         if rank == 0:
-            snap.trainer_state_json = state_to_json(self.state)
+            snap.trainer_state_json = state_to_json(state_without_secrets(self.state))
             snap.extra_files[RUN_META] = self._run_meta()
         if not self.args.save_only_model:
             if sharded:
@@ -626,7 +641,9 @@ class Trainer(transformers.Trainer):
         """raytrainer_run.pt: the world size and global batch of this run, and its data position in samples
         when raytrainer's sampler placed the data (a resume with another global batch starts there)."""
         _, world = world_info()
-        meta = {"world_size": world, "global_batch_size": self._global_batch_size(), "fit_id": self._fit_id}
+        meta = {"world_size": world, "global_batch_size": self._global_batch_size(), "fit_id": self._fit_id,
+                # the run a checkpoint belongs to: the first fit's id, kept by every resume (retention's scope)
+                "lineage": getattr(self, "_lineage", None) or self._fit_id}
         loader = getattr(self.callback_handler, "train_dataloader", None)
         # our sampler inside a DataLoader, or a Ray Data shard's loader itself (loop.build_train_dataloader)
         trained = getattr(getattr(loader, "batch_sampler", loader), "trained", None)

@@ -28,3 +28,20 @@ def checkpoints_to_delete(paths_by_step: dict[int, str], save_total_limit: int |
             doomed.append(path)
             remaining -= 1
     return doomed
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run folder's checkpoints
+
+
+def forget_earlier_fit(fs, run_dir: str) -> None:
+    """Before a new fit in a run folder (its lease held): drop Ray's snapshot of the earlier fit.
+
+    Ray Train refuses to start in a folder whose snapshot names a checkpoint that is gone
+    (CheckpointManagerInitializationError), and our retention deletes checkpoints behind Ray's back.
+    raytrainer resumes from its own checkpoints; Ray's restore only serves a restart inside one fit.
+    """
+    import pyarrow.fs as pafs
+
+    path = f"{run_dir}/{RAY_SNAPSHOT}"
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)

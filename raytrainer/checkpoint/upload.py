@@ -27,6 +27,14 @@ def retry_bound_s() -> float:
     return float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
 
 
+UPLOAD_WAIT_MARGIN_S = 300.0  # beyond the retries: a hung socket, a stalled upload thread
+
+
+def upload_wait_bound_s() -> float:
+    """How long a rank waits for its background uploads before it stops the run (wait_for_uploads)."""
+    return retry_bound_s() + UPLOAD_WAIT_MARGIN_S
+
+
 def with_retries(call, what: str, where: str, bound_s: float | None = None, first_wait_s: float = FIRST_WAIT_S,
                  warn_after_s: float = 0.0):
     """call() until it succeeds; OSError (pyarrow's S3 errors) is retried with backoff within bound_s.

@@ -255,7 +255,15 @@ class DeepSpeedStrategy(Strategy):
 
     def save_sharded(self, model, optimizer, folder, step):
         # frozen weights (a PEFT model's base) are not state: the model rebuilds them on resume
-        self.engine.save_checkpoint(folder, tag=f"global_step{step}", exclude_frozen_parameters=self._frozen())
+        from ..redact import redact
+
+        # DeepSpeed pickles its config into every state file (ds_config): the saved copy is redacted
+        config = self.engine.config
+        self.engine.config = redact(config) if isinstance(config, dict) else config
+        try:
+            self.engine.save_checkpoint(folder, tag=f"global_step{step}", exclude_frozen_parameters=self._frozen())
+        finally:
+            self.engine.config = config
 
     def _frozen(self) -> bool:
         return any(not p.requires_grad for p in self.engine.module.parameters())

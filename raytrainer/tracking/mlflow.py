@@ -28,20 +28,14 @@ mlflow is imported inside the functions only.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from transformers.integrations.integration_utils import MLflowCallback as _HFMLflowCallback
 
-REDACTED = "<redacted>"
-# a field named with one of these words (split on _ . -) holds a secret
-# (the last word: pad_token_id and max_new_tokens are not secrets, hub_token and api_key are)
-_SECRET_LAST_WORDS = {"token", "secret", "password", "passwd", "pwd", "key", "apikey", "credential", "credentials",
-                      "auth", "authorization", "cookie"}
-_SECRET_ANY_WORDS = {"secret", "secrets", "password", "passwd", "credentials", "apikey"}
+from ..redact import REDACTED, is_secret_name, redact, redact_text  # noqa: F401 - the one redaction
+
 # environment that configures MLflow (and transformers' callback); handed to the worker as is
 _PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
                "MLFLOW_TAGS", "MLFLOW_NESTED_RUN", "MLFLOW_FLATTEN_PARAMS", "MLFLOW_MAX_LOG_PARAMS",
@@ -57,17 +51,9 @@ LOCAL_STORE_DIR = "mlflow"  # <output_dir>/mlflow/{mlflow.db, artifacts/}
 # ------------------------------------------------------------------------------ (a) params
 
 
-def is_secret_name(name: str) -> bool:
-    words = [w for w in re.split(r"[_.\-\s]+", name.lower()) if w]
-    return bool(words) and (words[-1] in _SECRET_LAST_WORDS or any(w in _SECRET_ANY_WORDS for w in words))
-
-
 def strip_userinfo(text: str) -> str:
-    """`s3://KEY:SECRET@bucket/p` -> `s3://bucket/p`; anything else unchanged."""
-    if "://" not in text or "@" not in text.split("://", 1)[1].split("/", 1)[0]:
-        return text
-    parts = urlsplit(text)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    """`s3://KEY:SECRET@bucket/p` -> `s3://bucket/p`: the one redaction (redact.py) of a string."""
+    return redact_text(text)
 
 
 def _safe_value(value: Any) -> Any:
@@ -112,7 +98,7 @@ def safe_params(args, model_config: Mapping | None = None, max_length: int = 600
                 put(f"{prefix}.{k}" if prefix else str(k), v)
             return
         name = prefix.rsplit(".", 1)[-1]
-        if is_secret_name(name) or is_secret_name(prefix):
+        if (is_secret_name(name) or is_secret_name(prefix)) and not isinstance(value, (bool, int, float)):
             out[prefix] = None if value in (None, "") else REDACTED
             return
         value = _safe_value(value)
@@ -372,6 +358,7 @@ def run_url(run_id: str, tracking_uri: str | None = None) -> str:
     if uri.startswith(("http://", "https://")):
         base = strip_userinfo(uri).rstrip("/")
         return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"{base} (run {run_id})"
+    uri = redact_text(uri)
     return f"{uri} run {run_id} (view: mlflow ui --backend-store-uri {uri})"
 
 
@@ -399,7 +386,7 @@ def start_sweep_run(args, name: str, settings: Mapping[str, Any] | None = None) 
     active = mlflow.active_run()
     if active is None and not mlflow.is_tracking_uri_set():
         use_local_store(args.output_dir)
-    run = active or mlflow.start_run(run_name=name, tags={SWEEP_TAG: name})
+    run = active or mlflow.start_run(run_name=name, tags={SWEEP_TAG: redact_text(name)})
     if settings:
         try:
             mlflow.MlflowClient().log_batch(run.info.run_id, params=_params(
@@ -441,7 +428,7 @@ def trial_run(sweep: Mapping[str, Any] | None, trial_name: str, trial_id: str,
     apply_env(sweep["env"])
     while mlflow.active_run() is not None:  # a run left open by an earlier trial in this process
         mlflow.end_run()
-    tags = {PARENT_TAG: sweep["run_id"], TRIAL_TAG: trial_id, SWEEP_TAG: sweep["name"]}
+    tags = {PARENT_TAG: sweep["run_id"], TRIAL_TAG: trial_id, SWEEP_TAG: redact_text(sweep["name"])}
     if resumed:  # Tune restarted the trial from a checkpoint (PBT exploit or pause): a run of its own
         tags["raytrainer.resumed"] = "true"
     run = mlflow.start_run(experiment_id=sweep["experiment_id"], run_name=trial_name, tags=tags)
@@ -481,7 +468,7 @@ def finish_sweep_run(sweep: Mapping[str, Any] | None, results=None, best=None, f
             if isinstance(best.objective, (int, float)):
                 client.log_metric(run_id, "best_objective", float(best.objective))
             for k, v in safe_params(dict(best.hyperparameters or {})).items():
-                client.set_tag(run_id, f"raytrainer.best.{k}", str(v))
+                client.set_tag(run_id, f"raytrainer.best.{k}", redact_text(str(v)))
     finally:
         if sweep["owned"]:
             active = mlflow.active_run()

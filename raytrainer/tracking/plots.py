@@ -17,6 +17,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..redact import redact_text
+
 PLOT_FILE = "training_plot.png"
 SWEEP_PLOT_FILE = "sweep_plot.png"
 
@@ -117,7 +119,7 @@ def plot_run(log_history, path: str | os.PathLike, title: str | None = None) -> 
                 ax.legend(loc="best", fontsize=9, frameon=False)
         axes[-1].set_xlabel("step")
         if title:
-            fig.suptitle(title)
+            fig.suptitle(redact_text(title))
         fig.tight_layout()
         return _save(fig, path)
     finally:
@@ -229,7 +231,7 @@ def plot_sweep(trials, path: str | os.PathLike, metric: str = "objective", title
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
         ax.grid(True, alpha=0.3)
-        ax.set_title(title or f"{len(drawn)} trials")
+        ax.set_title(redact_text(title or f"{len(drawn)} trials"))
         fig.tight_layout()
         return _save(fig, path)
     finally:

@@ -41,7 +41,9 @@ class ProgressLines(ProgressCallback):
         self.current_step = 0
 
     def _print(self, text: str) -> None:
-        print(text, file=self.stream or sys.stdout, flush=True)
+        from ..redact import redact_text
+
+        print(redact_text(text), file=self.stream or sys.stdout, flush=True)
 
     def _batch(self, args) -> int:
         if self.samples_per_step:

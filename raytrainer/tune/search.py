@@ -20,6 +20,7 @@ import warnings
 
 from ..args import check_folder_name
 from ..crossing import TrainerBlueprint
+from .dashboard import check_dashboard_for_stopping_scheduler
 from .objective import best_run, direction_to_mode
 from .schedulers import build_scheduler, is_pbt
 from .space import to_tune_space
@@ -72,6 +73,7 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     blueprint = TrainerBlueprint.of(trainer, model=None)
     check_picklable(blueprint.named_values())
     ensure_ray()
+    check_dashboard_for_stopping_scheduler(args, scheduler)  # before the first trial (dashboard.py)
     resources = _trial_resources(args)
     max_concurrent = _max_concurrent(args, resources, max_concurrent)
 
@@ -111,11 +113,17 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
         trainer.sweep_results = results  # the trials table: results.get_dataframe()
         rows = []
         scope = os.environ.get("RAY_SCOPE", "last")  # transformers' knob: which reports rank the trials
+        from .completion import all_recorded
+
+        done = all_recorded(storage_path, args.storage_filesystem, name)  # trials' own completion records
         for result in results:
-            if result.metrics and "objective" in result.metrics:
-                rows.append({"trial_id": result.metrics.get("trial_id"), "objective": result.metrics["objective"],
-                             "score": _scope_score(result, scope, mode), "config": result.config,
-                             "run_dir": result.metrics.get("run_dir")})
+            record = _recorded_metrics(result, done)
+            # Tune's own result, unless the trial's record is newer (the driver died before Tune saved its end)
+            metrics = record if record and (result.metrics or {}).get("step") != record.get("step") else result.metrics
+            if metrics and "objective" in metrics:
+                score = metrics["objective"] if metrics is not result.metrics else _scope_score(result, scope, mode)
+                rows.append({"trial_id": metrics.get("trial_id"), "objective": metrics["objective"],
+                             "score": score, "config": result.config, "run_dir": metrics.get("run_dir")})
         best = best_run(rows, direction, metric="objective" if scope == "last" or not isinstance(mode, str) else "score")
         row = next(r for r in rows if r["trial_id"] == best.run_id)
         # BestRun.objective is the winner's last report, as transformers' Ray backend returns it
@@ -126,6 +134,15 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     finish_sweep_run(mlflow_sweep, results, best)
     trainer.sweep_mlflow_run_id = mlflow_sweep["run_id"] if mlflow_sweep else None  # the parent run
     return best
+
+
+def _recorded_metrics(result, done: dict) -> dict | None:
+    """A trial's final metrics from its completion record (its Tune state may predate its end: a killed driver)."""
+    trial_id = (result.metrics or {}).get("trial_id")
+    if trial_id in done:
+        return done[trial_id]
+    folder = os.path.basename(str(getattr(result, "path", "") or ""))
+    return next((m for tid, m in done.items() if tid and tid in folder), None)
 
 
 def _describe(value) -> str | None:
@@ -193,6 +210,9 @@ def TrialLines(max_steps):  # noqa: N802 - a factory: ray.tune is imported only 
 
 
 def _short(config: dict) -> str:
+    from ..redact import redact
+
+    config = redact(dict(config))  # a searched field may be a secret-named one
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
 

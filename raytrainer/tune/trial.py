@@ -72,8 +72,12 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
                restored):
     from ray import tune
 
+    from .completion import record_done, recorded
+
     overrides, _ = split_params(config, blueprint.ctor["args"])
     base_args = blueprint.ctor["args"]
+    if recorded(storage_path, base_args.storage_filesystem, sweep, trial_name, context.get_trial_id()) is not None:
+        return  # it finished before the driver died; its result is on record (completion.py): never run twice
     if "://" in storage_path:  # the trial stages in output_dir; its run folder is in the bucket
         run_dir = None
         placement = {"output_dir": os.path.join(base_args.output_dir, trial_name),
@@ -88,10 +92,22 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
     trainer = bp.build()
     objective = compute_objective or default_objective
 
-    def metrics_for_tune(metrics, state):
+    last: dict = {}  # the last metrics sent to Tune, and whether the completion is on record
+
+    def metrics_for_tune(metrics, state, final=False):
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        return {**numbers, "objective": objective(dict(metrics)), "step": state.global_step,
-                "trial_id": context.get_trial_id(), "run_dir": run_dir or ""}
+        tune_metrics = {**numbers, "objective": objective(dict(metrics)), "step": state.global_step,
+                        "trial_id": context.get_trial_id(), "run_dir": run_dir or ""}
+        last["metrics"] = tune_metrics
+        if (final or state.global_step >= state.max_steps > 0) and not last.get("recorded"):
+            # on record before Tune hears the final result: a driver killed after it cannot rerun the trial
+            record_done(storage_path, base_args.storage_filesystem, sweep, trial_name, tune_metrics)
+            last["recorded"] = True
+        return tune_metrics
+
+    def record_if_ended_early():  # e.g. EarlyStoppingCallback ended training before max_steps
+        if last.get("metrics") and not last.get("recorded"):
+            record_done(storage_path, base_args.storage_filesystem, sweep, trial_name, last["metrics"])
 
     if args.num_workers == 0:
         def report(metrics, state, folder):
@@ -112,7 +128,8 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
             trainer._hyperparameters_override_checkpoint = True
         trainer.train(resume_from_checkpoint=resume, trial=config)
         if not reporter.reported:  # no evaluation during training: evaluate once at the end, as transformers does
-            tune.report(metrics_for_tune(trainer.evaluate(), trainer.state))
+            tune.report(metrics_for_tune(trainer.evaluate(), trainer.state, final=True))
+        record_if_ended_early()
         return
 
     # multi-worker: checkpoints live in storage; Tune holds only a pointer to one (CheckpointPointer)
@@ -128,7 +145,12 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
         checkpoint = pointers.to_tune(path_in_storage, state.global_step) if path_in_storage else None
         tune.report(metrics_for_tune(metrics, state), checkpoint=checkpoint)
 
-    _run_multi_worker(trainer, config, report, with_checkpoint=report_checkpoints, resume=resume)
+    def final_report(metrics, state):  # the evaluation after training (no evaluation during it)
+        tune.report(metrics_for_tune(metrics, state, final=True))
+
+    _run_multi_worker(trainer, config, report, with_checkpoint=report_checkpoints, resume=resume,
+                      final_report=final_report)
+    record_if_ended_early()
 
 
 def _global_step(checkpoint_dir: str) -> int:
@@ -195,7 +217,7 @@ class CheckpointPointer:
         return self.scheme + path, step
 
 
-def _run_multi_worker(trainer, config, report, with_checkpoint, resume):
+def _run_multi_worker(trainer, config, report, with_checkpoint, resume, final_report=None):
     """Train on Ray workers in a thread; forward each streamed evaluation to Tune from this thread.
 
     With with_checkpoint (PBT) an evaluation is reported once its step's checkpoint is in storage.
@@ -235,4 +257,4 @@ def _run_multi_worker(trainer, config, report, with_checkpoint, resume):
     if error:
         raise error[0]
     if not reported:
-        report(trainer.evaluate(), trainer.state)
+        (final_report or report)(trainer.evaluate(), trainer.state)

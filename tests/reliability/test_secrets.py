@@ -74,3 +74,57 @@ def test_no_secret_in_what_a_ray_run_writes_to_the_bucket(ray_cluster, s3_server
     assert files_containing(tmp_path / "out", secrets) == []
     out, err = capfd.readouterr()
     assert not [s for s in secrets if s in out + err]
+
+
+def ray_log_files() -> list[str]:
+    import ray
+
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    return [os.path.join(d, n) for d, _, names in os.walk(logs) for n in names]
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_planted_secrets_reach_no_file_and_no_log_line(ray_cluster, s3_server, s3_bucket, mlflow_server, tmp_path,
+                                                       tmp_path_factory, capfd, monkeypatch):
+    """A distinct fake secret in each source: an env var, the MLflow password and tracking URI, the hub token, the
+    DeepSpeed config (a URI with key:secret@), the S3 keys. A 2-worker DeepSpeed run to S3 logging to MLflow; then
+    every file it wrote (bucket, output_dir, the MLflow server's store, Ray's session logs) and every captured
+    line is searched for each: zero hits. (The storage URI's own key:secret@ is refused before a run: test_redact.)"""
+    import mlflow
+
+    planted = {name: f"{name}-{os.urandom(6).hex()}" for name in ("env", "mlflowpw", "tracking", "deepspeed")}
+    monkeypatch.setenv("RAYTRAINER_TEST_SERVICE_API_TOKEN", planted["env"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", planted["mlflowpw"])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "tracker")
+    host = mlflow_server.split("://", 1)[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://tracker:{planted['tracking']}@{host}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "planted-secrets")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    deepspeed = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                 "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+                 "csv_monitor": {"enabled": False, "output_path": f"s3://AKID:{planted['deepspeed']}@bucket/ds",
+                                 "job_name": "ds"}}
+    fs = s3_server.filesystem()
+    args = raytrainer.TrainingArguments(**dict(run_args(tmp_path / "out"), report_to="mlflow"), num_workers=2,
+                                        storage_path=f"s3://{s3_bucket}/runs", storage_filesystem=fs,
+                                        run_name="planted", deepspeed=deepspeed)
+    trainer = raytrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(16))
+    trainer.train()
+    trainer.save_model()
+    run_id = mlflow.search_runs(experiment_names=["planted-secrets"], output_format="list")[0].info.run_id
+    params = mlflow.get_run(run_id).data.params
+    assert params["deepspeed.csv_monitor.output_path"] == "s3://bucket/ds" and params["hub_token"] == "<redacted>"
+    secrets = [*planted.values(), HUB_TOKEN, s3_server.secret_key]
+    local = tmp_path / "bucket"
+    pafs.copy_files(s3_bucket, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    assert any(p.endswith("training_args.bin") for d, _, n in os.walk(local) for p in n)
+    hits = files_containing(local, secrets) + files_containing(tmp_path / "out", secrets)
+    for store in tmp_path_factory.getbasetemp().glob("mlflow*"):  # the tracking server's db and artifacts
+        hits += files_containing(store, secrets)
+    for path in ray_log_files():  # (the S3 keys: earlier tests of the session hand them to Ray on purpose)
+        data = open(path, "rb").read()
+        hits += [f"{path}: {s[:8]}..." for s in [*planted.values(), HUB_TOKEN] if s.encode() in data]
+    out, err = capfd.readouterr()
+    hits += [f"captured output: {s[:8]}..." for s in secrets if s in out + err]
+    assert hits == []
