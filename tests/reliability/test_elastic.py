@@ -47,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 N, EPOCHS, GLOBAL = 24, 2, 4
 STEPS = N // GLOBAL * EPOCHS
 SEED = 3
-KILL_AT = 5  # not a save step: step 5 is trained again by the shrunk group, from checkpoint-4
+KILL_AT = 5  # after save step 4: the shrunk group trains step 5 again, from checkpoint-4
 GROW_AT = 8  # a save step: the grown group resumes from checkpoint-8
 PARK_S = 180  # a parked group that Ray never stops fails the run instead of hanging
 
@@ -95,6 +95,12 @@ class KillNodeAt(transformers.TrainerCallback):
 
         if state.global_step != self.step or dist.get_world_size() != 2 or dist.get_rank() != 1:
             return
+        # Ray registers a reported checkpoint at its next poll of the workers (every 2 s): a node lost
+        # before that restarts from the one before. Wait for checkpoint-<step-1>'s registration (Ray's snapshot)
+        snapshot, limit = Path(args.output_dir) / "checkpoint_manager_snapshot.json", time.monotonic() + 60
+        while f"checkpoint-{self.step - 1}" not in (snapshot.read_text() if snapshot.exists() else ""):
+            assert time.monotonic() < limit, "Ray never registered the checkpoint"
+            time.sleep(0.1)
         raylet = os.getppid()
         with open(f"/proc/{raylet}/cmdline", "rb") as f:
             assert b"raylet" in f.read(), "a Ray worker's parent is its node's raylet"
@@ -266,3 +272,7 @@ def test_ranges_are_checked_on_the_driver(tmp_path):
     check_train(args, {})
     with pytest.raises(ValueError, match="ray.data.Dataset .* streaming_split"):
         check_train(args, {"train": object()})
+
+
+if __name__ == "__main__":  # the Ray test's driver process
+    _drive(sys.argv[1])
