@@ -28,6 +28,7 @@ import transformers
 from transformers.training_args import OptimizerNames
 from transformers.utils import is_torch_tf32_available
 
+from .elastic import normalise as normalise_workers
 from .fields import REFUSED, REFUSED_ACCELERATOR_OPTIONS
 from .added_checks import run_argument_checks
 from .field_types import check_field_types
@@ -58,7 +59,10 @@ class TrainingArguments(transformers.TrainingArguments):
     evaluation_strategy: str | None = field(default=None, metadata={"help": "Older name of eval_strategy."})
 
     # ---- Ray fields ----
-    num_workers: int = field(default=0, metadata={"help": "Ray Train workers; 0 runs the loop in this process."})
+    num_workers: int = field(default=0, metadata={"help": "Ray Train workers; 0 runs the loop in this process; "
+                                                          "(min, max): an elastic group (elastic.py)."})
+    elastic_resize_monitor_interval_s: float = field(
+        default=60.0, metadata={"help": "num_workers=(min, max): seconds between Ray's checks for a larger group."})
     use_gpu: bool = field(default=False, metadata={"help": "One GPU per Ray worker."})
     resources_per_worker: dict | None = field(default=None, metadata={"help": 'e.g. {"CPU": 2, "GPU": 1}'})
     strategy: str = field(default="ddp", metadata={"help": "ddp | fsdp | deepspeed"})
@@ -83,6 +87,7 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
     def __post_init__(self):
+        normalise_workers(self)  # num_workers=(min, max) -> an elastic WorkerRange
         check_field_types(self)  # a value of the wrong type or NaN is named here, not deep in transformers
         self._map_older_names()
         self._check_names()
@@ -176,6 +181,7 @@ class TrainingArguments(transformers.TrainingArguments):
         Also re-derives what __post_init__ derived, so fields changed after construction (the docs
         show `args.fp16 = True`, `args.gradient_checkpointing = True`) take effect.
         """
+        normalise_workers(self)
         check_field_types(self)  # fields set after construction, e.g. from a YAML file
         self._sync_after_mutation()
         self._check_names()

@@ -101,7 +101,12 @@ class DriverStream:
         self._thread = None
 
     def __enter__(self):
-        self.box = _event_box_class().remote()
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # on the driver's node: a worker node may go away mid-run (elastic groups, preemption)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.box = _event_box_class().options(scheduling_strategy=here).remote()
         self._thread = threading.Thread(target=self._pump, name="raytrainer-driver-stream", daemon=True)
         self._thread.start()
         return self

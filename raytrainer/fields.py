@@ -172,7 +172,8 @@ HONOURED: dict[str, str] = {
     "warmup_ratio": "args.py: mapped onto warmup_steps (older transformers name)",
     "evaluation_strategy": "args.py: mapped onto eval_strategy (older transformers name)",
     # ---- Ray fields ----
-    "num_workers": "0: the loop runs in this process; >= 1: Ray `ScalingConfig(num_workers)`",
+    "num_workers": "0: the loop runs in this process; >= 1: Ray `ScalingConfig(num_workers)`; (min, max): elastic.py",
+    "elastic_resize_monitor_interval_s": "Ray `ScalingConfig(elastic_resize_monitor_interval_s)` (elastic.py)",
     "use_gpu": _SCALING,
     "resources_per_worker": _SCALING,
     "strategy": 'strategies/: "ddp", "fsdp" (FSDP2) or "deepspeed" (ZeRO); set by fsdp= / deepspeed= too',

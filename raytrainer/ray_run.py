@@ -39,6 +39,7 @@ from .checkpoint.state_check import check_state_in_storage
 from .checkpoint.upload import UPLOAD_WAIT_MARGIN_S
 from .crossing import TrainerBlueprint, apply_final_state, final_state, restore_callback_states
 from .data.checks import check_train_dataset
+from .elastic import adapt_to_world, check_train as check_elastic, scaling_kwargs
 from .data.ray_data import is_ray_dataset
 from .event_stream import DriverStream, StreamToDriver
 from .quiet import worker_logs
@@ -80,6 +81,7 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
     fs, base, run_dir = _storage_for(args, storage_path, name)
     datasets = {k: v for k, v in (("train", trainer.train_dataset),) if is_ray_dataset(v)}
     check_train_dataset(trainer)
+    check_elastic(args, datasets)  # num_workers=(min, max): what a resize could not continue
     resume_in_storage = False
     if isinstance(resume, str) and "://" in resume:  # e.g. s3://bucket/run/checkpoint-8
         _, resume = storage.resolve_storage(resume, args.storage_filesystem)
@@ -222,7 +224,7 @@ def _fit(args, entry, spec, name, base, fs, datasets):
         entry,
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(
-            num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=args.resources_per_worker
+            **scaling_kwargs(args), use_gpu=args.use_gpu, resources_per_worker=args.resources_per_worker
         ),
         run_config=RunConfig(
             name=name, storage_path=base, storage_filesystem=fs,
@@ -498,6 +500,7 @@ def _build_worker_trainer(spec: RunSpec):
         os.chdir(spec.driver_cwd)
     blueprint = copy.copy(spec.blueprint)
     args = copy.copy(blueprint.ctor["args"])
+    adapt_to_world(args, dist.get_world_size())  # num_workers=(min, max): the same global batch on this count
     # the driver's cached device / accelerate state describe the driver, not this worker
     args.__dict__.pop("_setup_devices", None)
     args.distributed_state = None
