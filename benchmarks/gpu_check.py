@@ -98,7 +98,7 @@ class ModelInit:
 
     def __init__(self, plan: Plan):
         self.kw = dict(vocab_size=plan.vocab, n_positions=plan.seq, n_embd=plan.n_embd, n_layer=plan.n_layer,
-                       n_head=plan.n_head)
+                       n_head=plan.n_head, bos_token_id=plan.vocab - 1, eos_token_id=plan.vocab - 1)
 
     def __call__(self):
         from transformers import GPT2Config, GPT2LMHeadModel
