@@ -165,3 +165,60 @@ def test_each_rank_reads_its_slices(folders, tmp_path):
 
 def _model(name):
     return tiny_gpt2(dropout=0.0) if name == "gpt2" else tiny_llama()
+
+
+# ------------------------------------------------------------------ under Ray: Trainer(model_init=from_pretrained)
+class FromPretrained:
+    """model_init with no argument (transformers passes `trial` to a model_init that takes one: a partial
+    of from_pretrained would take it as a model argument)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self):
+        return transformers.AutoModelForCausalLM.from_pretrained(self.folder)
+
+
+class InitialWeights(transformers.TrainerCallback):
+    """At train begin (a collective on every rank): rank 0 compares the gathered weights with from_pretrained's."""
+
+    def __init__(self, folder: str, path: str):
+        self.folder, self.path = folder, path
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        held = sum(p.to_local().numel() for p in model.parameters())
+        if dist.get_rank() == 0:
+            reference = transformers.AutoModelForCausalLM.from_pretrained(self.folder).state_dict()
+            with open(self.path, "w") as f:
+                json.dump({"not_equal": sorted(k for k, v in reference.items() if not torch.equal(full[k], v)),
+                           "keys": len(reference), "held": held,
+                           "total": sum(p.numel() for p in _model("llama").parameters())}, f)
+
+
+@pytest.mark.ray
+def test_fsdp_trains_from_a_pretrained_folder(ray_cluster, folders, tmp_path):
+    import raytrainer
+
+    try:
+        from tests.helpers import lm_examples
+    except ImportError:
+        from helpers import lm_examples
+
+    probe = str(tmp_path / "initial.json")
+    args = raytrainer.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+        save_strategy="no", report_to=[], disable_tqdm=True, seed=42, num_workers=2, strategy="fsdp",
+        fsdp="full_shard auto_wrap")
+    trainer = raytrainer.Trainer(
+        model_init=FromPretrained(folders["llama"]),
+        args=args, train_dataset=lm_examples(8), callbacks=[InitialWeights(folders["llama"], probe)])
+    trainer.train()
+    initial = json.loads(open(probe).read())
+    assert initial["not_equal"] == [] and initial["keys"] > 0
+    assert initial["held"] * 2 == initial["total"]  # rank 0 held its half when training began
+    assert trainer.state.global_step == 2
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
