@@ -33,11 +33,14 @@ def save(model, folder) -> str:
 def folders(tmp_path_factory):
     """save_pretrained folders: GPT-2 (tied LM head, Conv1D) and Llama (rotary inv_freq buffers, GQA)."""
     base = tmp_path_factory.mktemp("pretrained")
-    return {"gpt2": save(tiny_gpt2(seed=3, dropout=0.0), base / "gpt2"), "llama": save(tiny_llama(seed=4), base / "llama")}
+    split = base / "split"  # several files and model.safetensors.index.json
+    tiny_gpt2(seed=5, dropout=0.0).save_pretrained(str(split), max_shard_size="40KB")
+    return {"gpt2": save(tiny_gpt2(seed=3, dropout=0.0), base / "gpt2"), "llama": save(tiny_llama(seed=4), base / "llama"),
+            "split": str(split)}
 
 
 # ------------------------------------------------------------------ the skeleton (one process)
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "split"])
 def test_skeleton_is_from_pretrained_without_weights(folders, name):
     real = transformers.AutoModelForCausalLM.from_pretrained(folders[name])
     before = torch.get_rng_state()
@@ -51,7 +54,10 @@ def test_skeleton_is_from_pretrained_without_weights(folders, name):
         assert torch.equal(dict(model.named_buffers())[n], b), n
     source, why = sharded_source(model, calls)
     assert why == "" and source.folder == os.path.abspath(folders[name])
-    assert source.files == [os.path.join(source.folder, "model.safetensors")]
+    if name == "split":
+        assert len(source.files) > 1 and os.path.isfile(os.path.join(source.folder, "model.safetensors.index.json"))
+    else:
+        assert source.files == [os.path.join(source.folder, "model.safetensors")]
     # the patch is gone: a plain from_pretrained loads weights again
     again = transformers.AutoModelForCausalLM.from_pretrained(folders[name])
     assert not any(p.is_meta for p in again.parameters())
@@ -145,7 +151,7 @@ def test_each_rank_reads_its_slices(folders, tmp_path):
     with torch.random.fork_rng():
         torch.manual_seed(42)
         draw = torch.rand(4).tolist()  # from_pretrained of complete files draws nothing
-    for name in ("gpt2", "llama"):
+    for name in ("gpt2", "llama", "split"):
         for rank, result in enumerate(results):
             mine = result[name]
             assert mine["sharded"], (name, rank)
@@ -164,7 +170,7 @@ def test_each_rank_reads_its_slices(folders, tmp_path):
 
 
 def _model(name):
-    return tiny_gpt2(dropout=0.0) if name == "gpt2" else tiny_llama()
+    return tiny_llama() if name == "llama" else tiny_gpt2(dropout=0.0)
 
 
 # ------------------------------------------------------------------ under Ray: Trainer(model_init=from_pretrained)
