@@ -2,8 +2,9 @@
 
 For each strategy (DDP over NCCL, FSDP2, DeepSpeed ZeRO-3) and each precision (bf16; fp16 with its loss
 scaler) one run of raytrainer's Trainer under Ray's TorchTrainer, `num_workers` = the number of GPUs,
-`use_gpu=True`, on a GPT-2-small-sized model (124M parameters, seq 1024) built by model_init on the
-workers (fsdp / ZeRO-3: shard by shard). Measured: tokens/s over the steps after a warm-up, MFU against the
+`use_gpu=True`, on a GPT-2-small-sized model (124M parameters, seq 1024) saved once with save_pretrained and
+built on the workers by a from_pretrained model_init (fsdp: each rank reads only its slices of the files;
+ZeRO-3: partitioned at build). Measured: tokens/s over the steps after a warm-up, MFU against the
 device's dense peak (a table of known GPUs, else a measured matmul), peak GPU memory, first and last loss,
 and a checkpoint + resume check per strategy (the bf16 run saves at step k; a second run resumes from that
 checkpoint and its final weights must equal the uninterrupted run's).
@@ -107,6 +108,18 @@ class ModelInit:
         return GPT2LMHeadModel(GPT2Config(**self.kw))
 
 
+class FromPretrained:
+    """model_init: from_pretrained of the folder main() saved (fsdp reads each rank's slices of it)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __call__(self):
+        from transformers import GPT2LMHeadModel
+
+        return GPT2LMHeadModel.from_pretrained(self.folder)
+
+
 class Probe(TrainerCallback):
     """Rank 0 writes what the run was (backend, device, dtype, scaler) and its step end times to `path`."""
 
@@ -185,7 +198,8 @@ def train_once(plan: Plan, strategy: str, precision: str, work: str, name: str, 
     out = C.tmpdir(work, name)
     probe = os.path.join(work, name + ".probe.json")
     trainer = raytrainer.Trainer(
-        model_init=ModelInit(plan), args=training_args(plan, strategy, precision, out, save_at),
+        model_init=FromPretrained(os.path.join(work, "pretrained")),
+        args=training_args(plan, strategy, precision, out, save_at),
         train_dataset=dataset(plan, plan.per_device * plan.workers * plan.total_steps), data_collator=C.collate,
         callbacks=[Probe(probe)])
     t0 = time.time()
@@ -316,9 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     C.start_ray()
     peak, peak_source = device_peak(plan)
     work = tempfile.mkdtemp(prefix="rt-gpu-check-")
+    initial = ModelInit(plan)()
+    params = sum(p.numel() for p in initial.parameters())
+    initial.save_pretrained(os.path.join(work, "pretrained"))  # every run starts from these weights
+    del initial
     t0 = time.time()
     rows = [check_row(plan, s, p, work, peak) for s in opts.only for p in plan.precisions]
-    params = sum(p.numel() for p in ModelInit(plan)().parameters())
     print(f"\nraytrainer GPU check ({'CPU smoke' if plan.smoke else 'CUDA'}): {plan.workers} worker(s), GPT-2 "
           f"{params / 1e6:.1f}M params, seq {plan.seq}, {plan.per_device}/device, {plan.steps} timed steps after "
           f"{plan.warmup} warm-up; peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source}); {time.time() - t0:.0f} s")

@@ -228,3 +228,16 @@ def test_fsdp_trains_from_a_pretrained_folder(ray_cluster, folders, tmp_path):
     assert initial["held"] * 2 == initial["total"]  # rank 0 held its half when training began
     assert trainer.state.global_step == 2
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_driver_holds_a_skeleton_of_a_pretrained_model_init(folders, tmp_path):
+    """The driver of an fsdp run builds model_init's model on the meta device for its checks; a from_pretrained
+    model_init builds there too (transformers refuses from_pretrained under a meta device context), reading
+    only the headers. No Ray: Trainer() starts no worker."""
+    import raytrainer
+
+    args = raytrainer.TrainingArguments(output_dir=str(tmp_path), report_to=[], num_workers=2, strategy="fsdp",
+                                        fsdp="full_shard auto_wrap")
+    trainer = raytrainer.Trainer(model_init=FromPretrained(folders["llama"]), args=args)
+    assert type(trainer.model).__name__ == "LlamaForCausalLM"
+    assert all(p.is_meta for p in trainer.model.parameters())
