@@ -119,9 +119,9 @@ def rank_main(mode: str, folder: str, out: str) -> None:
         dist.barrier()
     seconds = time.time() - t0
     shard = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-    record = {"baseline_mb": baseline, "peak_mb": peak.peak, "at_fill_mb": at_fill["mb"], "ru_maxrss_mb": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss / 1024, "shard_mb": shard / 2**20, "load_s": seconds,
-        "read_mb": (holder._sharded_build.loaded or {}).get("bytes_read", 0) / 2**20}
+    record = {"baseline_mb": baseline, "peak_mb": peak.peak, "at_fill_mb": at_fill["mb"],
+              "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "shard_mb": shard / 2**20,
+              "load_s": seconds, "read_mb": (holder._sharded_build.loaded or {}).get("bytes_read", 0) / 2**20}
     full = strategy.full_state_dict(model)  # after the measurement
     if rank == 0:
         reference = FromPretrained(folder)().state_dict()
@@ -183,7 +183,8 @@ def main(argv=None) -> int:
 
         print(f"{mode:<10} {pair('baseline_mb'):>11} {pair('growth_mb'):>11} {pair('skeleton_mb'):>11} "
               f"{pair('fill_growth_mb'):>11} {pair('shard_mb'):>11} {pair('read_mb'):>9} "
-              f"{pair('growth_over_shard', '{:.2f}'):>18} {pair('fill_over_shard', '{:.2f}'):>18}  {ranks[0]['bit_equal']}")
+              f"{pair('growth_over_shard', '{:.2f}'):>18} {pair('fill_over_shard', '{:.2f}'):>18}  "
+              f"{ranks[0]['bit_equal']}")
     print("baseline: RSS before model_init (imports, process group); skel+FSDP: the meta skeleton and fully_shard, "
           "before any weight; peak-fill: the weights' own growth")
     ok = all(r["fill_over_shard"] <= 1.10 for r in results["sharded"]) and results["sharded"][0]["bit_equal"]

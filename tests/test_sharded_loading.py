@@ -35,8 +35,8 @@ def folders(tmp_path_factory):
     base = tmp_path_factory.mktemp("pretrained")
     split = base / "split"  # several files and model.safetensors.index.json
     tiny_gpt2(seed=5, dropout=0.0).save_pretrained(str(split), max_shard_size="40KB")
-    return {"gpt2": save(tiny_gpt2(seed=3, dropout=0.0), base / "gpt2"), "llama": save(tiny_llama(seed=4), base / "llama"),
-            "split": str(split)}
+    return {"gpt2": save(tiny_gpt2(seed=3, dropout=0.0), base / "gpt2"),
+            "llama": save(tiny_llama(seed=4), base / "llama"), "split": str(split)}
 
 
 # ------------------------------------------------------------------ the skeleton (one process)
