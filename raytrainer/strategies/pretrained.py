@@ -163,6 +163,8 @@ def load_fsdp_shards(model, source: PretrainedSource, device: torch.device) -> d
             if name in buffers:
                 buf.copy_(buffers[name].to(buf.device))
     total = sum(t.numel() * t.element_size() for t in header_tensors(source.files).values())
+    logger.info("raytrainer: fsdp sharded loading: this rank read %.1f of the %.1f MB in %s", reader.bytes_read / 2**20,
+                total / 2**20, source.folder)
     return {"bytes_read": reader.bytes_read, "bytes_total": total}
 
 
