@@ -532,12 +532,14 @@ class Trainer(transformers.Trainer):
         (strategies/build.py; rank 0 also builds the full model once, the source of every shard)."""
         self._sharded_build = None
         if self._skeleton_on_driver():
-            with torch.device("meta"):
-                return super().call_model_init(trial)
+            from .strategies.pretrained import meta_build  # a from_pretrained model_init too: it reads headers only
+
+            return meta_build(functools.partial(super().call_model_init, trial))[0]
         if self._skeleton_on_worker():
+            from .strategies.pretrained import meta_build
+
             try:
-                with torch.device("meta"):
-                    return super().call_model_init(trial)
+                return meta_build(functools.partial(super().call_model_init, trial))[0]
             except Exception as e:  # noqa: BLE001 - a model_init that cannot build on meta: build it for real
                 logger.debug("raytrainer: model_init on the meta device failed (%s: %s); building it", type(e).__name__, e)
                 return super().call_model_init(trial)

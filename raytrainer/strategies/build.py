@@ -4,6 +4,11 @@ transformers calls model_init twice in a training run (in `Trainer.__init__` and
 On a worker that trains, the first is a meta-device skeleton (trainer.py `call_model_init`), and the
 second is the one real build, done here when the strategy shards the weights:
 
+* fsdp, a model_init that calls `from_pretrained(folder)` of safetensors files: every rank builds the same meta
+  skeleton through from_pretrained (headers only), and FSDPStrategy.prepare fills each rank's shards with
+  its slices of the files, read lazily (pretrained.py): no rank reads or holds the whole model. Where that
+  cannot give from_pretrained's weights bit for bit (pretrained.py's `sharded_source` says why), one warning
+  and the path below.
 * fsdp: every rank builds a meta skeleton; rank 0 also builds the real model on the CPU (the
   *reference*, with the RNG state transformers' set_seed left: the weights an unsharded build gets).
   FSDPStrategy.prepare shards the skeleton (`fully_shard`), allocates its shards (`to_empty`) and fills
@@ -51,6 +56,8 @@ class ShardedBuild:
 
     kind: str                                   # "fsdp" or "zero3"
     reference: torch.nn.Module | None = None    # fsdp, rank 0: the real model, until the shards are filled
+    source: object = None                       # fsdp: a PretrainedSource, the shards are read from its files
+    loaded: dict | None = None                  # fsdp from a source: this rank's bytes read / the files' bytes
 
 
 def sharded_kind(args) -> str | None:
@@ -66,22 +73,41 @@ def sharded_kind(args) -> str | None:
 
 def build_sharded(trainer, build, kind: str):
     """The model a worker trains, built as its shard (see the module's docstring). `build()` runs model_init."""
+    if kind == "fsdp":
+        return build_fsdp(trainer, build)
     rank = dist.get_rank()
     reference = build() if rank == 0 else None  # right after transformers' set_seed, as an unsharded build
     rng = broadcast_object(rng_state() if rank == 0 else None)
-    if kind == "fsdp":
-        with torch.device("meta"):
-            model = build()
-    else:
-        model = zero3_build(trainer.args, build)
-        fill_zero3(model, reference)
-        reference = None
+    model = zero3_build(trainer.args, build)
+    fill_zero3(model, reference)
     set_rng_state(rng)
-    trainer._sharded_build = ShardedBuild(kind, reference)
+    trainer._sharded_build = ShardedBuild(kind)
     return model
 
 
 # ------------------------------------------------------------------------------------------ FSDP
+def build_fsdp(trainer, build):
+    """The meta skeleton every rank shards; its weights come from the files slice by slice (a from_pretrained
+    model_init that allows it), else from rank 0's real build."""
+    from .pretrained import meta_build, sharded_source
+
+    rank = dist.get_rank()
+    start = rng_state()  # right after transformers' set_seed
+    model, calls = meta_build(build)
+    source, why = sharded_source(model, calls)
+    reference = None
+    if source is None:
+        if calls and rank == 0:
+            logger.warning("raytrainer: fsdp: rank 0 reads the whole pretrained model and fills every rank's shards "
+                           "from it (no sharded loading: %s)", why)
+        set_rng_state(start)  # rank 0's build draws what an unsharded build draws
+        reference = build() if rank == 0 else None
+    rng = broadcast_object(rng_state() if rank == 0 else None)
+    set_rng_state(rng)
+    trainer._sharded_build = ShardedBuild("fsdp", reference, source)
+    return model
+
+
 def fill_fsdp(model, reference, device) -> None:
     """After fully_shard on a meta skeleton: allocate the shards and fill them from rank 0's reference."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

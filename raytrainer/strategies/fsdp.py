@@ -99,11 +99,17 @@ class FSDPStrategy(Strategy):
         build = getattr(trainer, "_sharded_build", None)
         if build is not None and build.kind == "fsdp" and is_skeleton(model):
             # model_init's model, built as a meta skeleton (strategies/build.py): allocate this rank's
-            # shards only, filled from rank 0's reference build
+            # shards only, read slice by slice from the pretrained files, or filled from rank 0's reference build
             from .build import fill_fsdp
 
             offload = _true(self.config.get("cpu_offload")) or _true(self.config.get("offload_params"))
-            fill_fsdp(model, build.reference, torch.device("cpu") if offload else self.device)
+            device = torch.device("cpu") if offload else self.device
+            if build.source is not None:
+                from .pretrained import load_fsdp_shards
+
+                build.loaded = load_fsdp_shards(model, build.source, device)
+            else:
+                fill_fsdp(model, build.reference, device)
             build.reference = None
         # after sharding: the optimizer must hold the sharded (DTensor) parameters
         trainer.create_optimizer()
