@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 from pyarrow import fs as pafs
 
 import raytrainer
@@ -108,7 +109,7 @@ def _worker_run(run_dir, save_total_limit=1):
 
     from raytrainer.ray_run import WorkerRun
 
-    spec = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), run_dir=str(run_dir))
+    spec = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), run_dir=str(run_dir), fit_id="fit")
     args = SimpleNamespace(output_dir=str(run_dir.parent / "out"), save_total_limit=save_total_limit)
     return WorkerRun(spec, args)
 
@@ -119,6 +120,8 @@ def test_a_best_checkpoint_outside_the_run_deletes_nothing_and_is_not_loaded(tmp
     run = tmp_path / "run"
     for step in (2, 4, 6):
         (run / f"checkpoint-{step}").mkdir(parents=True)
+        # this run's own checkpoints (retention only rotates its own lineage)
+        torch.save({"fit_id": "fit"}, run / f"checkpoint-{step}" / "raytrainer_run.pt")
     worker = _worker_run(run)
     try:
         outside = str(tmp_path / "other-team" / "checkpoint-4")
@@ -145,7 +148,7 @@ def test_a_downloaded_checkpoint_is_checked_against_its_run_folder_in_storage(ch
     from raytrainer.ray_run import WorkerRun
 
     s3 = pafs.S3FileSystem(anonymous=True, region="us-east-1")  # never contacted: only its kind matters
-    spec = SimpleNamespace(storage_filesystem=s3, run_dir="bucket/runs/a")
+    spec = SimpleNamespace(storage_filesystem=s3, run_dir="bucket/runs/a", fit_id="fit")
     worker = WorkerRun(spec, SimpleNamespace(output_dir=str(tmp_path / "out"), save_total_limit=None))
     try:
         downloaded = os.path.join(worker.temp_dir("resume", "bucket/runs/a/checkpoint-4"), "checkpoint-4")
