@@ -25,23 +25,7 @@ def _name_the_cpu_for_deepspeed() -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-_name_the_cpu_for_deepspeed()
-
-from transformers import (
-    DefaultFlowCallback,
-    EarlyStoppingCallback,
-    PrinterCallback,
-    ProgressCallback,
-    TrainerCallback,
-    TrainerControl,
-    TrainerState,
-)
-from transformers.trainer_utils import BestRun, EvalPrediction, PredictionOutput, TrainOutput
-
-from .args import TrainingArguments
-from .trainer import Trainer
-
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source (pyproject.toml reads it)
 
 __all__ = [
     "Trainer",
@@ -58,3 +42,39 @@ __all__ = [
     "PredictionOutput",
     "TrainOutput",
 ]
+
+
+def _load() -> None:
+    """The public names (importing transformers and torch)."""
+    _name_the_cpu_for_deepspeed()
+    from transformers import (DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback,
+                              TrainerCallback, TrainerControl, TrainerState)
+    from transformers.trainer_utils import BestRun, EvalPrediction, PredictionOutput, TrainOutput
+
+    from .args import TrainingArguments
+    from .trainer import Trainer
+
+    found = locals()
+    globals().update({name: found[name] for name in __all__})
+
+
+def _help_only() -> bool:
+    """The `raytrainer` command asked only for help, the config list or the version: it needs none of
+    the names above, and importing torch would take most of the 2 s its --help may take."""
+    import os
+    import sys
+
+    argv = sys.argv or [""]
+    return os.path.basename(argv[0]) == "raytrainer" and (
+        len(argv) < 2 or argv[1] in ("configs", "--version") or "-h" in argv or "--help" in argv)
+
+
+def __getattr__(name: str):  # PEP 562: the names load on first use after a help-only start
+    if name in __all__:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module 'raytrainer' has no attribute {name!r}")
+
+
+if not _help_only():
+    _load()

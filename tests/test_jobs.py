@@ -1,15 +1,17 @@
-"""jobs/finetune.py: config + command line parsing, one-line errors before Ray, outputs, shipped configs."""
+"""The job (raytrainer/cli/, run by `raytrainer train|sweep` and jobs/finetune.py): config + command line
+parsing, one-line errors before Ray, outputs, shipped configs."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import types
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "jobs", "configs")
+CONFIGS = os.path.join(ROOT, "raytrainer", "configs")
 SHIPPED = sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yaml"))
 
 
@@ -23,7 +25,21 @@ def load_job():
 
 @pytest.fixture(scope="module")
 def job():
-    return load_job()
+    """The job's functions from the modules of raytrainer/cli/ that hold them."""
+    from raytrainer.cli import arguments, config, inputs, job, search_space, summary
+
+    names = {}
+    for module in (arguments, config, inputs, search_space, summary, job):
+        names.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+    return types.SimpleNamespace(**names)
+
+
+def test_finetune_py_is_a_thin_entry_to_the_same_job():
+    module = load_job()
+    from raytrainer.cli import job
+
+    assert module.main is job.main and module.cli is job.cli
+    assert len(open(os.path.join(ROOT, "jobs", "finetune.py")).read().splitlines()) < 150
 
 
 @pytest.fixture
@@ -49,7 +65,8 @@ def test_yaml_values_keep_yaml_1_1_words_as_strings(job):
 def test_shipped_configs_begin_with_the_command_that_runs_them():
     for name in SHIPPED:
         first = open(os.path.join(CONFIGS, name)).readline()
-        assert first.strip() == f"# Run:    python jobs/finetune.py --config jobs/configs/{name}", name
+        command = "sweep" if "search:" in open(os.path.join(CONFIGS, name)).read() else "train"
+        assert first.startswith(f"# Run:    raytrainer {command} --config {name[:-5]} "), name
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -75,7 +92,7 @@ def test_cli_overrides_yaml_with_transformers_types(job, tmp_path):
     assert str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps"
     assert str(getattr(args.save_strategy, "value", args.save_strategy)) == "no"
     assert args.weight_decay == 0.01  # from the YAML
-    assert cfg.data.max_length == 16 and cfg.data.train_file == "jobs/data/sentiment_train.csv"
+    assert cfg.data.max_length == 16 and cfg.data.train_file == "data/sentiment_train.csv"
     assert args.output_dir == str(tmp_path / "o")
 
 
@@ -117,11 +134,11 @@ BAD = [
 
 @pytest.mark.parametrize("text,argv,expected", BAD, ids=[b[2][:40] for b in BAD])
 def test_bad_config_is_one_line_before_ray(job, tmp_path, capsys, text, argv, expected, ray_must_not_start):
-    text = text.replace("{csv}", os.path.join(ROOT, "jobs", "data", "sentiment_train.csv"))
+    text = text.replace("{csv}", os.path.join(CONFIGS, "data", "sentiment_train.csv"))
     assert job.cli(["--config", config(tmp_path, text), "--output_dir", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert err.startswith("finetune.py: error: ") and expected in err, err
+    assert err.startswith("raytrainer train: error: ") and expected in err, err
     assert not (tmp_path / "o").exists()
 
 
@@ -193,7 +210,7 @@ def test_causal_lm_from_a_text_file_in_blocks(job, tmp_path):
     cfg, _ = job.load_config(["--config", os.path.join(CONFIGS, "tiny_gpt2_text.yaml"), "--output_dir", str(tmp_path),
                               "--report_to", "none"])
     prepared = job.prepare(cfg, job.check_inputs(cfg))
-    text = open(os.path.join(ROOT, "jobs", "data", "tiny_corpus.txt"), "rb").read()
+    text = open(os.path.join(CONFIGS, "data", "tiny_corpus.txt"), "rb").read()
     block = prepared.train[0]["input_ids"]
     assert bytes(block.tolist()) == text[: cfg.data.max_length]  # the bytes of the file, in order
     assert len(prepared.train) == len(text) // cfg.data.max_length
