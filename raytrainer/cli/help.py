@@ -88,16 +88,18 @@ def _dataclass_rows(cls, width: int) -> list[str]:
     return rows
 
 
-def _source(module: str) -> str | None:
-    spec = importlib.util.find_spec(module)  # the package's file, without running its code
-    return spec.origin if spec is not None else None
+def _source(package: str, file: str) -> str | None:
+    """A file of an installed package, found without importing it (find_spec of a submodule would)."""
+    spec = importlib.util.find_spec(package)
+    path = os.path.join(os.path.dirname(spec.origin), file) if spec is not None and spec.origin else None
+    return path if path and os.path.isfile(path) else None
 
 
 def grouped_help(command: str) -> str:
     width = min(shutil.get_terminal_size((100, 24)).columns, 110)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ours = field_help(os.path.join(here, "args.py"), "TrainingArguments")
-    hf_path = _source("transformers.training_args")
+    hf_path = _source("transformers", "training_args.py")
     theirs = field_help(hf_path, "TrainingArguments") if hf_path else {}
     out = [f"usage: raytrainer {command} [--config NAME|PATH] [--dry-run] [--FIELD VALUE ...]", "", DESCRIPTION, ""]
     out += ["job:"] + [_row(o, t, width) for o, t in JOB] + [""]

@@ -49,9 +49,9 @@ def copy_out(name: str, dest: str) -> str:
     shutil.copyfile(source, target)
     with open(source) as f:
         text = f.read()
-    data_dir = os.path.join(CONFIGS_DIR, "data")
+    data_dir, beside = os.path.join(CONFIGS_DIR, "data"), os.path.join(os.path.dirname(os.path.abspath(target)), "data")
     for name in sorted(os.listdir(data_dir)):
-        if f"data/{name}" in text:
-            os.makedirs(os.path.join(os.path.dirname(os.path.abspath(target)), "data"), exist_ok=True)
-            shutil.copyfile(os.path.join(data_dir, name), os.path.join(os.path.dirname(os.path.abspath(target)), "data", name))
+        if f"data/{name}" in text and not os.path.exists(os.path.join(beside, name)):  # a user's edits stay
+            os.makedirs(beside, exist_ok=True)
+            shutil.copyfile(os.path.join(data_dir, name), os.path.join(beside, name))
     return target
