@@ -58,23 +58,22 @@ def _load() -> None:
     globals().update({name: found[name] for name in __all__})
 
 
-def _help_only() -> bool:
-    """The `raytrainer` command asked only for help, the config list or the version: it needs none of
-    the names above, and importing torch would take most of the 2 s its --help may take."""
+def _entry_loads_later() -> bool:
+    """The job's entries (the `raytrainer` command, jobs/finetune.py) load these names when they need
+    them: `--help` must not spend its 2 s importing torch, and Ray's log settings go in before Ray is
+    imported (raytrainer.quiet.skip_ray_noise)."""
     import os
     import sys
 
-    argv = sys.argv or [""]
-    return os.path.basename(argv[0]) == "raytrainer" and (
-        len(argv) < 2 or argv[1] in ("configs", "--version") or "-h" in argv or "--help" in argv)
+    return os.path.basename((sys.argv or [""])[0]) in ("raytrainer", "finetune.py")
 
 
-def __getattr__(name: str):  # PEP 562: the names load on first use after a help-only start
+def __getattr__(name: str):  # PEP 562: the names load on first use after such a start
     if name in __all__:
         _load()
         return globals()[name]
     raise AttributeError(f"module 'raytrainer' has no attribute {name!r}")
 
 
-if not _help_only():
+if not _entry_loads_later():
     _load()

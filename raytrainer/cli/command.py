@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(grouped_help(command), end="")
         return 0
+    from raytrainer.quiet import skip_ray_noise
+
+    skip_ray_noise()  # before ray is imported
     from .job import cli
 
     return cli(rest, prog=f"raytrainer {command}", command=command)
