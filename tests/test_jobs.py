@@ -360,3 +360,29 @@ def test_summary_names_the_bucket(job, tmp_path):
                      "best_checkpoint": "s3://bkt/runs/tiny_gpt2/checkpoint-4"}
     cfg, _ = job.load_config(["--config", os.path.join(CONFIGS, "tiny_gpt2.yaml"), "--output_dir", str(tmp_path)])
     assert job.in_storage(cfg.training_args, None) == {}
+
+
+@pytest.mark.ray
+def test_sweep_prints_a_trials_table_writes_trials_csv_and_resumes(job, tmp_path, ray_cluster, capsys):
+    """raytrainer sweep: the top trials by objective as a table, every trial in trials.csv beside the plot;
+    --resume restores the finished sweep from storage instead of running its trials again."""
+    import csv
+
+    argv = ["--config", "sweep_asha", "--n_trials", "2", "--max_steps", "2", "--eval_steps", "1",
+            "--scheduler", "none", "--output_dir", str(tmp_path / "out"), "--storage_path", str(tmp_path / "store")]
+    assert job.cli(argv, command="train") == 2 and "run it with `raytrainer sweep" in capsys.readouterr().err
+    summary = job.main(argv, command="sweep")
+    out = capsys.readouterr().out
+    with open(tmp_path / "out" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert summary["trials_csv"] == str(tmp_path / "out" / "trials.csv") and len(rows) == 2
+    assert {"trial", "objective", "learning_rate", "warmup_steps"} <= set(rows[0])
+    objectives = [float(r["objective"]) for r in rows]
+    assert objectives == sorted(objectives) and objectives[0] == pytest.approx(summary["objective"])
+    assert "trials (best 2 of 2 by objective):" in out and rows[0]["trial"] in out
+    assert (tmp_path / "out" / "sweep_plot.png").is_file()
+
+    again = job.main([*argv, "--resume", "true"], command="sweep")
+    with open(tmp_path / "out" / "trials.csv") as f:
+        assert [r["trial"] for r in csv.DictReader(f)] == [r["trial"] for r in rows]  # the same trials, restored
+    assert again["best_trial"] == summary["best_trial"]

@@ -29,13 +29,19 @@ def config_path(name_or_path: str) -> str:
                       f"{closest(name_or_path, configs)}")
 
 
-def describe(path: str) -> str:
-    """The first line of a config's description (the comment after its Run/Submit lines)."""
+def describe(path: str, limit: int = 110) -> str:
+    """A config's description: the first sentence of the comment after its Run/Submit lines."""
+    lines = []
     with open(path) as f:
         for line in f:
-            if line.startswith("#") and not line.startswith(("# Run:", "# Submit:")):
-                return line.lstrip("# ").rstrip()
-    return ""
+            if not line.startswith("#"):
+                break
+            if not line.startswith(("# Run:", "# Submit:")):
+                lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    end = text.find(". ")
+    text = text[:end + 1] if end > 0 else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def copy_out(name: str, dest: str) -> str:
