@@ -186,27 +186,30 @@ def test_resubmitted_job_resumes_after_its_driver_was_killed(two_node_cluster, c
     cluster, fs = two_node_cluster, s3_server.filesystem()
     bucket = s3_server.make_bucket(f"resume-{uuid.uuid4().hex[:8]}")
     env = {**s3_server.env(), "RAYTRAINER_RUNS_DIR": str(tmp_path / "runs_home"), **command}
-    # a big evaluation set (evaluation does not change the weights): steps 3-4 take seconds after checkpoint-2
+    # a slower evaluation (one row per batch; the weights do not depend on it): the evaluation at step 4
+    # takes seconds, so the driver is killed after checkpoint-2 and before checkpoint-4
     argv = ["raytrainer", "train", *TINY, "--storage_path", f"s3://{bucket}/runs", "--run_name", "resumed",
-            "--report_to", "none", "--eval_rows", "40000"]
+            "--report_to", "none", "--eval_rows", "400", "--per_device_eval_batch_size", "1"]
     killed = submit(cluster, argv, env)
     state = f"{bucket}/runs/resumed/checkpoint-2/trainer_state.json"  # uploaded last: the checkpoint is whole
     deadline = time.monotonic() + 300
     while fs.get_file_info(state).type.name != "File":
-        assert cluster.api(f"/api/jobs/{killed}")["status"] not in TERMINAL and time.monotonic() < deadline
+        if cluster.api(f"/api/jobs/{killed}")["status"] in TERMINAL or time.monotonic() > deadline:
+            info, logs = finished(cluster, killed, tmp_path / "killed.log")
+            pytest.fail(f"no checkpoint-2 in the bucket; job {info['status']}: {logs[-3000:]}")
         time.sleep(0.2)
     drivers = [p for p in psutil.process_iter(["cmdline"])
                if any(a.endswith("raytrainer") for a in (p.info["cmdline"] or [])[:2]) and "resumed" in p.info["cmdline"]]
     assert len(drivers) == 1, [p.info["cmdline"] for p in drivers]
     drivers[0].kill()
     info, logs = finished(cluster, killed, tmp_path / "killed.log")
-    assert info["status"] == "FAILED"
+    assert info["status"] == "FAILED", logs[-3000:]
     assert fs.get_file_info(f"{bucket}/runs/resumed/checkpoint-4/trainer_state.json").type.name == "NotFound", \
         "the driver was killed too late: checkpoint-4 is complete"
 
     resumed = submit(cluster, [*argv, "--resume_from_checkpoint", "true"], env)
     info, logs = finished(cluster, resumed, tmp_path / "resumed.log")
-    assert info["status"] == "SUCCEEDED", f"{info.get('message', '')[:300]}... whole log: {tmp_path / 'resumed.log'}"
+    assert info["status"] == "SUCCEEDED", f"{info.get('message', '')[:300]}... {logs[-3000:]}"
     steps = [line.split()[2] for line in logs.splitlines() if line.startswith("[progress] step ")]
     assert steps and steps[0].startswith("3/") and steps[-1] == "4/4", steps
     assert len([line for line in logs.splitlines() if line.startswith("{'loss'")]) == 2  # steps 3 and 4 only

@@ -386,3 +386,25 @@ def test_sweep_prints_a_trials_table_writes_trials_csv_and_resumes(job, tmp_path
     with open(tmp_path / "out" / "trials.csv") as f:
         assert [r["trial"] for r in csv.DictReader(f)] == [r["trial"] for r in rows]  # the same trials, restored
     assert again["best_trial"] == summary["best_trial"]
+
+
+def test_resume_from_checkpoint_reaches_train(job, tmp_path, capsys):
+    """--resume_from_checkpoint (command line or YAML) becomes train()'s argument: true -> the last checkpoint."""
+    path = config(tmp_path, "model: tiny_gpt2\ntraining_args:\n  resume_from_checkpoint: true\n")
+    cfg, _ = job.load_config(["--config", path, "--output_dir", str(tmp_path)])
+    assert job.resume_value(cfg.training_args.resume_from_checkpoint) is True
+    cfg, _ = job.load_config(["--config", path, "--resume_from_checkpoint", "s3://b/run/checkpoint-2"])
+    assert job.resume_value(cfg.training_args.resume_from_checkpoint) == "s3://b/run/checkpoint-2"
+    cfg, _ = job.load_config(["--config", path, "--resume_from_checkpoint", "false"])
+    assert job.resume_value(cfg.training_args.resume_from_checkpoint) is None
+    # an in-process run of 2 steps, then resumed from its last checkpoint for a 3rd: only step 3 runs
+    argv = ["--config", "tiny_gpt2", "--num_workers", "0", "--max_steps", "2", "--save_steps", "2",
+            "--save_strategy", "steps", "--eval_strategy", "no", "--logging_steps", "1", "--output_dir",
+            str(tmp_path / "run")]
+    assert job.main(argv)["global_step"] == 2
+    capsys.readouterr()
+    summary = job.main([*argv, "--resume_from_checkpoint", "true", "--max_steps", "3"])
+    out = capsys.readouterr().out
+    assert summary["global_step"] == 3
+    assert len([line for line in out.splitlines() if line.startswith("{'loss'")]) == 1  # step 3's only
+    assert "[progress] step 3/3" in out and "[progress] step 1/3" not in out, out
