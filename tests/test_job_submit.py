@@ -163,9 +163,11 @@ def test_ray_job_submit_on_two_nodes_with_s3_and_mlflow(two_node_cluster, first_
 
 @pytest.mark.e2e
 def test_local_storage_on_two_nodes_is_refused_before_workers_start(two_node_cluster, tmp_path):
-    """python jobs/finetune.py (the checkout's entry) with a local storage_path: Ray's multi-node rule."""
+    """python jobs/finetune.py (the checkout's entry; jobs/configs links to the package's configs, and the
+    working dir's copy holds them) with a local storage_path: Ray's multi-node rule."""
     local = tmp_path / "local_runs"
-    submission_id = submit(two_node_cluster, ["python", "jobs/finetune.py", *TINY, "--max_steps", "2",
+    submission_id = submit(two_node_cluster, ["python", "jobs/finetune.py", *TINY[2:], "--config",
+                                              "jobs/configs/tiny_gpt2.yaml", "--max_steps", "2",
                                               "--storage_path", str(local)], {"RAYTRAINER_RUNS_DIR": str(tmp_path)})
     info, logs = finished(two_node_cluster, submission_id, tmp_path / "job.log")
     assert info["status"] == "FAILED", logs[-2000:]
