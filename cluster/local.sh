@@ -7,7 +7,8 @@
 #   cluster/local.sh stop               # stops this head only (never a bare `ray stop`)
 #
 # Environment knobs: PYTHON (interpreter whose `ray` and `python` the head and the jobs use),
-# RAY_DASHBOARD_PORT (8265), RAY_GCS_PORT (6379), RAYTRAINER_TOKEN_FILE (where the token is kept),
+# RAY_DASHBOARD_PORT (8265), RAY_GCS_PORT (6379), RAYTRAINER_NODE_IP (127.0.0.1: --node-ip-address),
+# RAYTRAINER_TOKEN_FILE (where the token is kept),
 # RAYTRAINER_RAY_TMP (the head's Ray temp dir, logs included; default /tmp/raytrainer-ray-<GCS port>).
 #
 # `start` gives the head its own Ray temp dir and records it (state file next to the token); `stop`
@@ -18,6 +19,9 @@ set -euo pipefail
 
 DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 GCS_PORT="${RAY_GCS_PORT:-6379}"
+# the address Ray records for this node and that drivers and workers connect to; pinned, else Ray takes
+# the address of the default route's interface. The dashboard binds 127.0.0.1 whatever this is.
+NODE_IP="${RAYTRAINER_NODE_IP:-127.0.0.1}"
 TOKEN_FILE="${RAYTRAINER_TOKEN_FILE:-${XDG_STATE_HOME:-$HOME/.local/state}/raytrainer/ray_auth_token}"
 STATE_FILE="$(dirname "$TOKEN_FILE")/head-$GCS_PORT.env"
 # short: Ray's unix sockets live under it and a socket path must stay under ~107 characters
@@ -44,8 +48,19 @@ token() {
 
 print_env() {
     echo "export RAY_AUTH_MODE=token"
-    echo "export RAY_AUTH_TOKEN=$(token)"
-    echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT"
+    # %q: a token with spaces, quotes, '&' or '$' survives `eval`
+    printf 'export RAY_AUTH_TOKEN=%q\n' "$(token)"
+    echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT"  # the dashboard binds 127.0.0.1
+}
+
+# stdin -> stdout with every occurrence of the token replaced by <token>; a literal match (bash's
+# quoted pattern), so '/', '&', '.', '*' or '\' in a token cannot break or widen it as in sed
+mask_token() {
+    local secret line
+    secret="$(token)"
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        printf '%s\n' "${line//"$secret"/<token>}"
+    done
 }
 
 # the pids of every process of the recorded head's session (its session folder is in their command lines)
@@ -113,9 +128,9 @@ case "${1:-}" in
         export RAY_API_SERVER_ADDRESS="http://127.0.0.1:$DASHBOARD_PORT"
         mkdir -p "$RAY_TMP" "$(dirname "$STATE_FILE")"
         # the token never reaches the terminal, even if Ray echoes it
-        ray start --head --port="$GCS_PORT" --temp-dir="$RAY_TMP" \
+        ray start --head --port="$GCS_PORT" --temp-dir="$RAY_TMP" --node-ip-address "$NODE_IP" \
             --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
-            --disable-usage-stats "$@" 2>&1 | sed "s/$RAY_AUTH_TOKEN/<token>/g"
+            --disable-usage-stats "$@" 2>&1 | mask_token
         SESSION_DIR="$(readlink -f "$RAY_TMP/session_latest")"
         printf 'SESSION_DIR=%s\nGCS_PORT=%s\nDASHBOARD_PORT=%s\nRAY_TMP=%s\n' \
             "$SESSION_DIR" "$GCS_PORT" "$DASHBOARD_PORT" "$RAY_TMP" > "$STATE_FILE"
@@ -136,14 +151,17 @@ MSG
     env)
         print_env
         ;;
+    mask)  # what `start` does to Ray's output (tests/test_cluster_configs.py)
+        mask_token
+        ;;
     stop)
         stop_head
         ;;
     status)
-        RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$(token)" ray status --address "127.0.0.1:$GCS_PORT"
+        RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$(token)" ray status --address "$NODE_IP:$GCS_PORT"
         ;;
     *)
-        echo "usage: $0 {start [ray start args]|env|stop|status}" >&2
+        echo "usage: $0 {start [ray start args]|env|stop|status|mask}" >&2
         exit 2
         ;;
 esac

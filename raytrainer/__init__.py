@@ -30,6 +30,8 @@ __version__ = "0.1.0"  # the one version source (pyproject.toml reads it)
 __all__ = [
     "Trainer",
     "TrainingArguments",
+    "on_ray",
+    "ray_args",
     "TrainerCallback",
     "TrainerControl",
     "TrainerState",
@@ -52,6 +54,7 @@ def _load() -> None:
     from transformers.trainer_utils import BestRun, EvalPrediction, PredictionOutput, TrainOutput
 
     from .args import TrainingArguments
+    from .layer import on_ray, ray_args
     from .trainer import Trainer
 
     found = locals()

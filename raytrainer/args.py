@@ -324,7 +324,8 @@ class TrainingArguments(transformers.TrainingArguments):
     def __setattr__(self, name, value):
         # transformers' dataclass accepts any attribute silently; a typo such as
         # `args.datloader_pin_memory = True` would do nothing. Warn with the likely field.
-        if not name.startswith("_") and name not in _KNOWN_NAMES and not hasattr(type(self), name):
+        if not name.startswith("_") and name not in _KNOWN_NAMES and not hasattr(type(self), name) and \
+                name not in type(self).__dataclass_fields__:  # a subclass's fields (ray_args(SFTConfig))
             import warnings
 
             hint = difflib.get_close_matches(name, _KNOWN_NAMES, n=1)

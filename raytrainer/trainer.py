@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .args import TrainingArguments
+from .args_layer import to_ray_args
 from .checkpoint import CheckpointWriter, Snapshot, latest_checkpoint
 from .checkpoint.state_check import check_checkpoint_state
 from .checkpoint.writer import state_to_json, to_cpu
@@ -65,9 +66,8 @@ def coerce_args(args) -> TrainingArguments:
         return TrainingArguments(output_dir="trainer_output")
     if isinstance(args, TrainingArguments):
         return args
-    if isinstance(args, transformers.TrainingArguments):
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
-        return TrainingArguments(**values)
+    if isinstance(args, transformers.TrainingArguments):  # a subclass (TRL's configs) keeps its own fields
+        return to_ray_args(args)
     raise ValueError(f"args must be a raytrainer.TrainingArguments (got {type(args).__name__}).")
 
 

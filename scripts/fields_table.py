@@ -1,8 +1,8 @@
-"""Print the README section "Every TrainingArguments field: honoured or refused" from raytrainer/fields.py.
+"""Print the docs/fields.md section "Every TrainingArguments field: honoured or refused" from raytrainer/fields.py.
 
     python scripts/fields_table.py
 
-Paste the output into README.md in place of that section; tests/test_fields.py fails while the two differ.
+Paste the output into docs/fields.md in place of that section; tests/test_fields.py fails while the two differ.
 """
 
 from __future__ import annotations

@@ -1,0 +1,106 @@
+"""TRL's trainers and configs with raytrainer's Ray layer: `from raytrainer.trl import SFTTrainer, SFTConfig`.
+
+Each class is TRL's own under `layer.on_ray` / `layer.ray_args` (see layer.py): TRL's constructor, its
+dataset preparation, collators, reference model, metrics and messages, plus the Ray fields on the config
+(`num_workers`, `storage_path`, `max_failures`, ...). Imported only here: trl is the optional extra
+`raytrainer[trl]` (tested range TRL_SUPPORTED).
+
+What holds (tests/test_trl.py, docs/trl.md): SFT, DPO and reward train on Ray workers with TRL's losses
+and metrics, TRL's checkpoint layout, exact resume and worker-failure recovery. GRPO is refused at
+train() with num_workers >= 1 (GRPOTrainer.train says why).
+"""
+
+from __future__ import annotations
+
+import warnings
+from importlib import metadata
+
+from packaging.specifiers import SpecifierSet
+
+try:
+    import trl
+except ImportError as e:  # pragma: no cover - the optional extra
+    raise ImportError(f"{e}. raytrainer.trl needs TRL: pip install 'raytrainer[trl]' (or pip install 'trl>=1.16,<2').") from e
+
+from .layer import on_ray, ray_args
+from .trainer import Trainer
+
+TRL_SUPPORTED = ">=1.16,<2"
+if metadata.version("trl") not in SpecifierSet(TRL_SUPPORTED):  # pragma: no cover - depends on the install
+    warnings.warn(f"raytrainer.trl is tested with trl{TRL_SUPPORTED}; trl {metadata.version('trl')} is installed.",
+                  stacklevel=2)
+
+
+def _named(cls: type, name: str) -> type:
+    """Importable as raytrainer.trl.<name>: pickled by reference (Ray's spec, training_args.bin), not by value."""
+    cls.__module__, cls.__qualname__ = __name__, name
+    return cls
+
+
+SFTConfig = _named(ray_args(trl.SFTConfig), "SFTConfig")
+DPOConfig = _named(ray_args(trl.DPOConfig), "DPOConfig")
+RewardConfig = _named(ray_args(trl.RewardConfig), "RewardConfig")
+GRPOConfig = _named(ray_args(trl.GRPOConfig), "GRPOConfig")
+
+
+
+class SFTTrainer(trl.SFTTrainer, Trainer):  # what on_ray(trl.SFTTrainer) builds, plus a method
+    __doc__ = trl.SFTTrainer.__doc__
+
+    def call_model_init(self, trial=None):
+        """TRL's __init__ gives the model it was passed a fused LM head (compute_loss calls
+        `model(..., fused_lm_head=True)`); a model built by model_init (hyperparameter_search: one per trial)
+        gets the same head here."""
+        from accelerate.utils import is_peft_model
+        from trl.trainer.utils import add_fused_lm_head
+
+        model = super().call_model_init(trial)
+        base = model.get_base_model() if is_peft_model(model) else model
+        if "forward" not in vars(base):  # not patched yet: the head replaces the instance's forward
+            add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))
+        return model
+
+
+
+
+class DPOTrainer(trl.DPOTrainer, Trainer):  # what on_ray(trl.DPOTrainer) builds, plus a method
+    __doc__ = trl.DPOTrainer.__doc__
+
+    def _place_ref_model(self) -> None:
+        """TRL's __init__ placed the reference model on the driver's device; on a worker (a GPU worker under a CPU
+        driver) it goes where this worker's model is. Sharded strategies keep a full reference model per worker."""
+        if self._in_worker and getattr(self, "ref_model", None) is not None:
+            self.ref_model = self.ref_model.to(self.args.device)
+
+    def train(self, *args, **kwargs):
+        self._place_ref_model()
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        self._place_ref_model()
+        return super().evaluate(*args, **kwargs)
+
+
+RewardTrainer = _named(on_ray(trl.RewardTrainer), "RewardTrainer")
+
+GRPO_REFUSED = (
+    "GRPOTrainer with num_workers={n} is not supported by raytrainer: GRPO generates completions for "
+    "steps_per_generation steps at once and keeps them in the trainer (_buffered_inputs), with a RepeatSampler "
+    "that repeats each prompt num_generations times across processes; raytrainer's resumable sampler and its "
+    "checkpoints (exact resume, worker recovery) do not carry that buffer or that order yet. Set num_workers=0 "
+    "to run TRL's GRPO loop in this process, or use trl.GRPOTrainer with accelerate launch."
+)
+
+
+class GRPOTrainer(trl.GRPOTrainer, Trainer):  # what on_ray(trl.GRPOTrainer) builds, plus a method
+    """TRL's GRPOTrainer; in this process only (num_workers=0): see GRPO_REFUSED."""
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if self.args.num_workers > 0 and not self._in_worker:
+            raise ValueError(GRPO_REFUSED.format(n=self.args.num_workers))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+
+__all__ = ["SFTTrainer", "SFTConfig", "DPOTrainer", "DPOConfig", "RewardTrainer", "RewardConfig", "GRPOTrainer",
+           "GRPOConfig", "on_ray", "ray_args"]
