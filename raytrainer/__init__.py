@@ -25,24 +25,7 @@ def _name_the_cpu_for_deepspeed() -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
 
 
-_name_the_cpu_for_deepspeed()
-
-from transformers import (
-    DefaultFlowCallback,
-    EarlyStoppingCallback,
-    PrinterCallback,
-    ProgressCallback,
-    TrainerCallback,
-    TrainerControl,
-    TrainerState,
-)
-from transformers.trainer_utils import BestRun, EvalPrediction, PredictionOutput, TrainOutput
-
-from .args import TrainingArguments
-from .trainer import Trainer
-from .layer import on_ray, ray_args
-
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source (pyproject.toml reads it)
 
 __all__ = [
     "Trainer",
@@ -61,3 +44,39 @@ __all__ = [
     "PredictionOutput",
     "TrainOutput",
 ]
+
+
+def _load() -> None:
+    """The public names (importing transformers and torch)."""
+    _name_the_cpu_for_deepspeed()
+    from transformers import (DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback,
+                              TrainerCallback, TrainerControl, TrainerState)
+    from transformers.trainer_utils import BestRun, EvalPrediction, PredictionOutput, TrainOutput
+
+    from .args import TrainingArguments
+    from .layer import on_ray, ray_args
+    from .trainer import Trainer
+
+    found = locals()
+    globals().update({name: found[name] for name in __all__})
+
+
+def _entry_loads_later() -> bool:
+    """The job's entries (the `raytrainer` command, jobs/finetune.py) load these names when they need
+    them: `--help` must not spend its 2 s importing torch, and Ray's log settings go in before Ray is
+    imported (raytrainer.quiet.skip_ray_noise)."""
+    import os
+    import sys
+
+    return os.path.basename((sys.argv or [""])[0]) in ("raytrainer", "finetune.py")
+
+
+def __getattr__(name: str):  # PEP 562: the names load on first use after such a start
+    if name in __all__:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module 'raytrainer' has no attribute {name!r}")
+
+
+if not _entry_loads_later():
+    _load()

@@ -8,8 +8,11 @@ find_unused_parameters hint) would show once per process. Two halves, both narro
   time it reaches the log, from whichever process, and never again: the driver's own (transformers'
   log handler, `warnings.showwarning`) and the warning lines Ray forwards from workers (Python
   warnings, `[transformers] ...` lines, torch's C++ `[W...] Warning:` lines). Only exact repeats go;
-  a warning with another text, and every error, still shows. Plus a short list of lines from Ray's
-  own machinery that tell a user nothing (`DRIVER_DROPS`).
+  a warning with another text, and every error, still shows. A short list of lines from Ray's own
+  machinery that tell a user nothing (`RAY_NOISE`) goes to Ray's own RAY_DEDUP_LOGS_SKIP_REGEX instead
+  (`skip_ray_noise`, before ray is imported). Ray's deduplication cannot do the rest: it merges only
+  identical lines within a few seconds (then prints "[repeated Nx]"), never a worker's copy of a
+  warning the driver printed, nor a warning of several lines.
 * Worker (`worker_logs`, at the start of each Ray Train worker): Ray Train's per-rank INFO lines
   about a reported checkpoint are kept from rank 0 only.
 
@@ -20,6 +23,7 @@ printed after it, is the last thing in the log.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -27,14 +31,28 @@ import warnings
 from collections import Counter
 
 # ------------------------------------------------------------------------------------ lines dropped
-# Lines Ray forwards that say nothing the user can act on (each pattern names its source).
-DRIVER_DROPS = (
+# Lines Ray forwards that say nothing the user can act on (each pattern names its source). Ray's own
+# log deduplicator drops them: RAY_DEDUP_LOGS_SKIP_REGEX, read when ray is imported (skip_ray_noise).
+RAY_NOISE = (
     # Ray Train's controller starts its PreemptionWatcher with the worker actors' handles as
     # constructor arguments and max_restarts=-1; Ray core (core_worker.cc) logs this at ERROR level for
     # any such actor (ray-project/ray#53727). The handles live as long as the controller: nothing is lost.
-    re.compile(r"Actor with class name: 'PreemptionWatcher' and ID: '\w+' has constructor arguments in the "
-               r"object store and max_restarts > 0"),
+    r"Actor with class name: 'PreemptionWatcher' and ID: '\w+' has constructor arguments in the "
+    r"object store and max_restarts > 0",
 )
+SKIP_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
+
+
+def skip_ray_noise() -> bool:
+    """Before ray is imported (the job's entries): RAY_NOISE joins the user's own RAY_DEDUP_LOGS_SKIP_REGEX.
+    False when ray was imported already (the setting would come too late)."""
+    pattern = "|".join(f"(?:{p})" for p in RAY_NOISE)
+    theirs = os.environ.get(SKIP_ENV)
+    if not theirs:
+        os.environ[SKIP_ENV] = pattern
+    elif pattern not in theirs:
+        os.environ[SKIP_ENV] = f"(?:{theirs})|{pattern}"
+    return "ray._private.ray_constants" not in sys.modules
 
 # Ray's token notice when it turns token authentication on by itself (a local Ray the job starts, or a
 # token found in ~/.ray): nothing to do. Its "disabled ... anyone with network access" warning stays.
@@ -117,13 +135,10 @@ class ShownOnce:
             return Counter(self._seen.get(key, ()))
 
     def filter_lines(self, lines: list) -> list:
-        """Drop repeated warnings (and the lines that continued their first copy) and DRIVER_DROPS."""
+        """Drop repeated warnings (and the lines that continued their first copy)."""
         kept, i = [], 0
         while i < len(lines):
             line = lines[i]
-            if any(p.search(line) for p in DRIVER_DROPS):
-                i += 1
-                continue
             key = warning_key(line)
             if key is None or self.first(key, lines[i + 1:]):
                 kept.append(line)

@@ -32,6 +32,7 @@ import torch
 import transformers
 
 from . import storage
+from .shared_storage import check_shared_storage
 from .checkpoint.layout import TRAINER_STATE, checkpoint_step
 from .checkpoint.lease import RunLease
 from .checkpoint.retention import checkpoints_to_delete, forget_earlier_fit
@@ -189,6 +190,7 @@ def _spec(trainer, blueprint, fs, run_dir, name, *, resume, resume_in_storage, d
     _ensure_ray()
     cpus = (args.resources_per_worker or {}).get("CPU", 1)
     check_capacity(args, cpus)
+    check_shared_storage(fs, run_dir)  # a local folder on a multi-node cluster: refused here
     return RunSpec(
         blueprint=blueprint, resume=resume, resume_in_storage=resume_in_storage,
         storage_filesystem=fs, run_dir=run_dir, name=name, threads_per_worker=max(1, int(cpus)),

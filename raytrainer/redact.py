@@ -29,7 +29,6 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote
 
-import torch
 
 REDACTED = "<redacted>"
 CREDENTIAL_OBJECTS = ("storage_filesystem",)
@@ -133,6 +132,8 @@ def args_without_secrets(args):
 def save_args_without_secrets(args, path: str) -> None:
     """Write (or overwrite) training_args.bin atomically with the redacted copy."""
     tmp = f"{path}.tmp-{os.getpid()}"
+    import torch  # here, not at import: the command's --help imports this module without torch
+
     torch.save(args_without_secrets(args), tmp)
     os.replace(tmp, path)
 

@@ -1,15 +1,17 @@
-"""jobs/finetune.py: config + command line parsing, one-line errors before Ray, outputs, shipped configs."""
+"""The job (raytrainer/cli/, run by `raytrainer train|sweep` and jobs/finetune.py): config + command line
+parsing, one-line errors before Ray, outputs, shipped configs."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import types
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "jobs", "configs")
+CONFIGS = os.path.join(ROOT, "raytrainer", "configs")
 SHIPPED = sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yaml"))
 
 
@@ -23,7 +25,21 @@ def load_job():
 
 @pytest.fixture(scope="module")
 def job():
-    return load_job()
+    """The job's functions from the modules of raytrainer/cli/ that hold them."""
+    from raytrainer.cli import arguments, config, inputs, job, search_space, summary
+
+    names = {}
+    for module in (arguments, config, inputs, search_space, summary, job):
+        names.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+    return types.SimpleNamespace(**names)
+
+
+def test_finetune_py_is_a_thin_entry_to_the_same_job():
+    module = load_job()
+    from raytrainer.cli import job
+
+    assert module.main is job.main and module.cli is job.cli
+    assert len(open(os.path.join(ROOT, "jobs", "finetune.py")).read().splitlines()) < 150
 
 
 @pytest.fixture
@@ -49,7 +65,8 @@ def test_yaml_values_keep_yaml_1_1_words_as_strings(job):
 def test_shipped_configs_begin_with_the_command_that_runs_them():
     for name in SHIPPED:
         first = open(os.path.join(CONFIGS, name)).readline()
-        assert first.strip() == f"# Run:    python jobs/finetune.py --config jobs/configs/{name}", name
+        command = "sweep" if "search:" in open(os.path.join(CONFIGS, name)).read() else "train"
+        assert first.startswith(f"# Run:    raytrainer {command} --config {name[:-5]} "), name
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -75,7 +92,7 @@ def test_cli_overrides_yaml_with_transformers_types(job, tmp_path):
     assert str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "steps"
     assert str(getattr(args.save_strategy, "value", args.save_strategy)) == "no"
     assert args.weight_decay == 0.01  # from the YAML
-    assert cfg.data.max_length == 16 and cfg.data.train_file == "jobs/data/sentiment_train.csv"
+    assert cfg.data.max_length == 16 and cfg.data.train_file == "data/sentiment_train.csv"
     assert args.output_dir == str(tmp_path / "o")
 
 
@@ -117,11 +134,11 @@ BAD = [
 
 @pytest.mark.parametrize("text,argv,expected", BAD, ids=[b[2][:40] for b in BAD])
 def test_bad_config_is_one_line_before_ray(job, tmp_path, capsys, text, argv, expected, ray_must_not_start):
-    text = text.replace("{csv}", os.path.join(ROOT, "jobs", "data", "sentiment_train.csv"))
+    text = text.replace("{csv}", os.path.join(CONFIGS, "data", "sentiment_train.csv"))
     assert job.cli(["--config", config(tmp_path, text), "--output_dir", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert err.startswith("finetune.py: error: ") and expected in err, err
+    assert err.startswith("raytrainer train: error: ") and expected in err, err
     assert not (tmp_path / "o").exists()
 
 
@@ -193,7 +210,7 @@ def test_causal_lm_from_a_text_file_in_blocks(job, tmp_path):
     cfg, _ = job.load_config(["--config", os.path.join(CONFIGS, "tiny_gpt2_text.yaml"), "--output_dir", str(tmp_path),
                               "--report_to", "none"])
     prepared = job.prepare(cfg, job.check_inputs(cfg))
-    text = open(os.path.join(ROOT, "jobs", "data", "tiny_corpus.txt"), "rb").read()
+    text = open(os.path.join(CONFIGS, "data", "tiny_corpus.txt"), "rb").read()
     block = prepared.train[0]["input_ids"]
     assert bytes(block.tolist()) == text[: cfg.data.max_length]  # the bytes of the file, in order
     assert len(prepared.train) == len(text) // cfg.data.max_length
@@ -250,8 +267,25 @@ def test_worker_warnings_reach_the_log_once():
     controller = ("[2026-11-24 07:22:53,278 E 5872 5970] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
                   "and ID: 'a2498d69f62d1179136b52d701000000' has constructor arguments in the object store and "
                   "max_restarts > 0. If the arguments in the object store go out of scope or are lost, ...")
-    assert shown.filter_lines([controller, controller.replace("PreemptionWatcher", "MyActor")]) == [
-        controller.replace("PreemptionWatcher", "MyActor")]  # only Ray Train's own watcher
+    # Ray's own deduplicator drops it, with the pattern the job's entries give it (before ray is imported)
+    from ray._private.ray_logging import LogDeduplicator
+
+    from raytrainer import quiet
+
+    env = os.environ.copy()
+    try:
+        os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = "user's own"
+        quiet.skip_ray_noise()
+        quiet.skip_ray_noise()  # once only
+        pattern = os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"]
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    assert pattern.startswith("(?:user's own)|") and pattern.count("PreemptionWatcher") == 1
+    batch = {"ip": "10.0.0.1", "pid": 7, "lines": [controller, controller.replace("PreemptionWatcher", "MyActor"),
+                                                    "a user's own line"]}
+    printed = [line for out in LogDeduplicator(5, None, pattern).deduplicate(batch) for line in out["lines"]]
+    assert printed == [controller.replace("PreemptionWatcher", "MyActor")]  # only Ray Train's own watcher
 
 
 def test_driver_warnings_once_with_the_workers(monkeypatch):
@@ -326,3 +360,51 @@ def test_summary_names_the_bucket(job, tmp_path):
                      "best_checkpoint": "s3://bkt/runs/tiny_gpt2/checkpoint-4"}
     cfg, _ = job.load_config(["--config", os.path.join(CONFIGS, "tiny_gpt2.yaml"), "--output_dir", str(tmp_path)])
     assert job.in_storage(cfg.training_args, None) == {}
+
+
+@pytest.mark.ray
+def test_sweep_prints_a_trials_table_writes_trials_csv_and_resumes(job, tmp_path, ray_cluster, capsys):
+    """raytrainer sweep: the top trials by objective as a table, every trial in trials.csv beside the plot;
+    --resume restores the finished sweep from storage instead of running its trials again."""
+    import csv
+
+    argv = ["--config", "sweep_asha", "--n_trials", "2", "--max_steps", "2", "--eval_steps", "1",
+            "--scheduler", "none", "--output_dir", str(tmp_path / "out"), "--storage_path", str(tmp_path / "store")]
+    assert job.cli(argv, command="train") == 2 and "run it with `raytrainer sweep" in capsys.readouterr().err
+    summary = job.main(argv, command="sweep")
+    out = capsys.readouterr().out
+    with open(tmp_path / "out" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert summary["trials_csv"] == str(tmp_path / "out" / "trials.csv") and len(rows) == 2
+    assert {"trial", "objective", "learning_rate", "warmup_steps"} <= set(rows[0])
+    objectives = [float(r["objective"]) for r in rows]
+    assert objectives == sorted(objectives) and objectives[0] == pytest.approx(summary["objective"])
+    assert "trials (best 2 of 2 by objective):" in out and rows[0]["trial"] in out
+    assert (tmp_path / "out" / "sweep_plot.png").is_file()
+
+    again = job.main([*argv, "--resume", "true"], command="sweep")
+    with open(tmp_path / "out" / "trials.csv") as f:
+        assert [r["trial"] for r in csv.DictReader(f)] == [r["trial"] for r in rows]  # the same trials, restored
+    assert again["best_trial"] == summary["best_trial"]
+
+
+def test_resume_from_checkpoint_reaches_train(job, tmp_path, capsys):
+    """--resume_from_checkpoint (command line or YAML) becomes train()'s argument: true -> the last checkpoint."""
+    path = config(tmp_path, "model: tiny_gpt2\ntraining_args:\n  resume_from_checkpoint: true\n")
+    cfg, _ = job.load_config(["--config", path, "--output_dir", str(tmp_path)])
+    assert job.resume_value(cfg.training_args.resume_from_checkpoint) is True
+    cfg, _ = job.load_config(["--config", path, "--resume_from_checkpoint", "s3://b/run/checkpoint-2"])
+    assert job.resume_value(cfg.training_args.resume_from_checkpoint) == "s3://b/run/checkpoint-2"
+    cfg, _ = job.load_config(["--config", path, "--resume_from_checkpoint", "false"])
+    assert job.resume_value(cfg.training_args.resume_from_checkpoint) is None
+    # an in-process run of 2 steps, then resumed from its last checkpoint for a 3rd: only step 3 runs
+    argv = ["--config", "tiny_gpt2", "--num_workers", "0", "--max_steps", "2", "--save_steps", "2",
+            "--save_strategy", "steps", "--eval_strategy", "no", "--logging_steps", "1", "--output_dir",
+            str(tmp_path / "run")]
+    assert job.main(argv)["global_step"] == 2
+    capsys.readouterr()
+    summary = job.main([*argv, "--resume_from_checkpoint", "true", "--max_steps", "3"])
+    out = capsys.readouterr().out
+    assert summary["global_step"] == 3
+    assert len([line for line in out.splitlines() if line.startswith("{'loss'")]) == 1  # step 3's only
+    assert "[progress] step 3/3" in out and "[progress] step 1/3" not in out, out

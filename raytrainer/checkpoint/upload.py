@@ -14,6 +14,7 @@ import os
 import time
 
 import pyarrow.fs as pafs
+import tenacity
 
 from .layout import TRAINER_STATE
 
@@ -37,26 +38,29 @@ def upload_wait_bound_s() -> float:
 
 def with_retries(call, what: str, where: str, bound_s: float | None = None, first_wait_s: float = FIRST_WAIT_S,
                  warn_after_s: float = 0.0):
-    """call() until it succeeds; OSError (pyarrow's S3 errors) is retried with backoff within bound_s.
+    """call() until it succeeds; OSError (pyarrow's S3 errors) is retried with backoff within bound_s
+    (tenacity: waits first_wait_s doubling to MAX_WAIT_S, never sleeping past the bound).
     A failure within warn_after_s of the first call is expected (waiting for another rank): no warning."""
     bound_s = retry_bound_s() if bound_s is None else bound_s
-    start = time.monotonic()
-    deadline, wait = start + bound_s, first_wait_s
-    while True:
-        try:
-            return call()
-        except FileNotFoundError:  # a missing local file is no outage
-            raise
-        except OSError as e:
-            if time.monotonic() + wait > deadline:
-                # "AWS error", not "AWS Error ...": Ray's report would retry the whole upload on those words
-                last = str(e).replace("AWS Error", "AWS error")
-                raise OSError(f"storage {where}: {what} still failing after {bound_s:g} s of retries "
-                              f"({RETRY_ENV}); last error: {last}") from e
-            if time.monotonic() - start >= warn_after_s:
-                logger.warning("raytrainer: storage %s: %s failed (%s); retrying in %.1f s", where, what, e, wait)
-            time.sleep(wait)  # backoff between attempts, not synchronisation
-            wait = min(wait * 2, MAX_WAIT_S)
+
+    def warn(state):
+        if state.seconds_since_start >= warn_after_s:
+            logger.warning("raytrainer: storage %s: %s failed (%s); retrying in %.1f s", where, what,
+                           state.outcome.exception(), state.upcoming_sleep)
+
+    def give_up(state):
+        error = state.outcome.exception()
+        # "AWS error", not "AWS Error ...": Ray's report would retry the whole upload on those words
+        last = str(error).replace("AWS Error", "AWS error")
+        raise OSError(f"storage {where}: {what} still failing after {bound_s:g} s of retries "
+                      f"({RETRY_ENV}); last error: {last}") from error
+
+    retrying = tenacity.Retrying(
+        # a missing local file is no outage
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, OSError) and not isinstance(e, FileNotFoundError)),
+        wait=tenacity.wait_exponential(multiplier=first_wait_s, max=MAX_WAIT_S),
+        stop=tenacity.stop_before_delay(bound_s), before_sleep=warn, retry_error_callback=give_up)
+    return retrying(call)
 
 
 def _put(fs, local_path: str, dest: str) -> None:

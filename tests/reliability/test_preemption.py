@@ -182,7 +182,9 @@ def test_node_preemption_under_ray_checkpoints_the_step_and_resumes_there(tmp_pa
         pytest.skip("`ray` executable not found")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
     # the watcher polls GCS's draining nodes every 0.2 s (Ray's default is 5 s)
+    # its 3 nodes share this machine's disk: the local output_dir is shared storage (raytrainer/shared_storage.py)
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.2",
+               RAYTRAINER_SHARED_STORAGE="1",
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p))
     t0 = time.perf_counter()
     (tmp_path / "cluster").mkdir()

@@ -1,6 +1,6 @@
-"""Regenerate the small data files shipped in jobs/data/ (deterministic: same files every run).
+"""Regenerate the small data files shipped in raytrainer/configs/data/ (deterministic: same files every run).
 
-    python jobs/data/generate.py
+    python raytrainer/configs/data/generate.py
 
 sentiment_train.csv / sentiment_eval.csv: `text,label` rows (label: positive | negative) for the
 MiniLM classification config; tiny_corpus.txt: one short English sentence per line for the
