@@ -177,7 +177,9 @@ def test_group_shrinks_and_grows_with_the_same_global_batch(tmp_path):
         pytest.skip("`ray` executable not found")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
     # a group placed on a node that is going away gives up after 20 s (Ray's default: 60 s)
+    # its 3 nodes share this machine's disk: the local output_dir is shared storage (raytrainer/shared_storage.py)
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
+               RAYTRAINER_SHARED_STORAGE="1",
                PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p))
     t0 = time.perf_counter()
     (tmp_path / "cluster").mkdir()
