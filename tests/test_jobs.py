@@ -118,7 +118,7 @@ BAD = [
     ("model: tiny_gpt2\ntraining_args:\n  max_steps: 2.5\n", [], "training_args.max_steps: 2.5 is not a valid int"),
     ("model: tiny_gpt2\ntraining_args:\n  num_workers: true\n", [], "training_args.num_workers: True is not a valid int"),
     ("model: tiny_gpt2\ntraining_args:\n  eval_strategy: epochs\n", [], "(did you mean 'epoch'?)"),
-    ("model: tiny_gpt2\ntraining_args:\n  learning_rate: -1\n", [], "learning_rate=-1.0 must be >= 0"),
+    ("model: tiny_gpt2\ntraining_args:\n  learning_rate: -1\n", [], "Invalid learning rate: -1.0. learning_rate must be >= 0"),
     ("model: tiny_gpt2\ndata:\n  train_file: nowhere/train.csv\n", [], "data.train_file: nowhere/train.csv does not exist"),
     ("model: tiny_gpt2\ndata:\n  train_file: data.xlsx\n", [], "data.train_file: data.xlsx has no known extension"),
     ("model: /no/such/model\n", [], "model.model_name_or_path: /no/such/model does not exist"),
