@@ -80,6 +80,7 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
     args = trainer.args
     storage_path, name = storage_location(args)
     fs, base, run_dir = _storage_for(args, storage_path, name)
+    check_shared_storage(fs, run_dir)  # before the run lease writes into a folder the other nodes cannot see
     datasets = {k: v for k, v in (("train", trainer.train_dataset),) if is_ray_dataset(v)}
     check_train_dataset(trainer)
     check_elastic(args, datasets)  # num_workers=(min, max): what a resize could not continue
@@ -91,7 +92,8 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
         resume = latest_checkpoint_in(fs, run_dir)
         if resume is None:
             raise ValueError(
-                f"resume_from_checkpoint=True: no complete checkpoint under {storage_path}/{name}; "
+                f"No valid checkpoint found in output directory ({storage_path}/{name}): "
+                f"resume_from_checkpoint=True found no complete checkpoint under {storage_path}/{name}; "
                 "train without resuming first, or pass a checkpoint path."
             )
         resume_in_storage = True

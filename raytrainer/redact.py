@@ -52,7 +52,9 @@ def is_secret_name(name: str) -> bool:
 
 
 def _env_secrets() -> list[str]:
-    values = {v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= _MIN_ENV_SECRET}
+    # an ID (AWS_ACCESS_KEY_ID, *_CLIENT_ID) names an identity and is no secret: masking it hides innocent text
+    values = {v for k, v in os.environ.items()
+              if is_secret_name(k) and _words(k)[-1] != "id" and len(v) >= _MIN_ENV_SECRET}
     return sorted(values, key=len, reverse=True)
 
 

@@ -92,12 +92,17 @@ class Captured(logging.Handler):
 
 
 @pytest.fixture
-def transformers_log():
+def transformers_log(monkeypatch):
     handler = Captured()
     logger = logging.getLogger("transformers")
+    # warnings reach the handler whatever an earlier test left: transformers' verbosity, a dedup filter (quiet.py)
+    monkeypatch.setattr(logger, "filters", [])
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
     logger.addHandler(handler)
     yield handler
     logger.removeHandler(handler)
+    transformers.logging.set_verbosity(verbosity)
 
 
 @pytest.mark.ray

@@ -4,8 +4,13 @@ under TorchTrainer, the tokens/s and MFU arithmetic, the checkpoint + resume com
 from __future__ import annotations
 
 import pytest
+import transformers
 
-from benchmarks import gpu_check
+_verbosity = transformers.logging.get_verbosity()
+from benchmarks import gpu_check  # noqa: E402
+
+# benchmarks/common.py quiets transformers' logging for its tables: the rest of the suite must not inherit that
+transformers.logging.set_verbosity(_verbosity)
 
 
 def test_known_peaks_pick_the_specific_name_first():

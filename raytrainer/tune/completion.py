@@ -43,11 +43,24 @@ def _read(fs, path: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def recorded(storage_path, storage_filesystem, sweep: str, trial_name: str, trial_id: str) -> dict | None:
-    """The final metrics this very trial (same Tune trial id) recorded, or None."""
+def config_key(config: dict) -> str:
+    """The trial's hyperparameters as recorded: a PBT exploit restarts a finished trial with other ones."""
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def recorded(storage_path, storage_filesystem, sweep: str, trial_name: str, trial_id: str,
+             config: dict | None = None) -> dict | None:
+    """The final metrics this very trial (same Tune trial id, same hyperparameters) recorded, or None.
+
+    PBT may restore a trial after its final result with the donor's state and mutated hyperparameters:
+    that is a new run of the trial, not a rerun of the finished one."""
     fs, folder = _folder(storage_path, storage_filesystem, sweep, trial_name)
     record = _read(fs, f"{folder}/{DONE_FILE}")
-    return record if record is not None and record.get("trial_id") == trial_id else None
+    if record is None or record.get("trial_id") != trial_id:
+        return None
+    if config is not None and record.get("config") not in (None, config_key(config)):
+        return None
+    return record
 
 
 def all_recorded(storage_path, storage_filesystem, sweep: str) -> dict[str, dict]:

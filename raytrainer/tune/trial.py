@@ -72,11 +72,12 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
                restored):
     from ray import tune
 
-    from .completion import record_done, recorded
+    from .completion import config_key, record_done, recorded
 
     overrides, _ = split_params(config, blueprint.ctor["args"])
     base_args = blueprint.ctor["args"]
-    if recorded(storage_path, base_args.storage_filesystem, sweep, trial_name, context.get_trial_id()) is not None:
+    if recorded(storage_path, base_args.storage_filesystem, sweep, trial_name, context.get_trial_id(),
+                config) is not None:
         return  # it finished before the driver died; its result is on record (completion.py): never run twice
     if "://" in storage_path:  # the trial stages in output_dir; its run folder is in the bucket
         run_dir = None
@@ -101,13 +102,15 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
         last["metrics"] = tune_metrics
         if (final or state.global_step >= state.max_steps > 0) and not last.get("recorded"):
             # on record before Tune hears the final result: a driver killed after it cannot rerun the trial
-            record_done(storage_path, base_args.storage_filesystem, sweep, trial_name, tune_metrics)
+            record_done(storage_path, base_args.storage_filesystem, sweep, trial_name,
+                        {**tune_metrics, "config": config_key(config)})
             last["recorded"] = True
         return tune_metrics
 
     def record_if_ended_early():  # e.g. EarlyStoppingCallback ended training before max_steps
         if last.get("metrics") and not last.get("recorded"):
-            record_done(storage_path, base_args.storage_filesystem, sweep, trial_name, last["metrics"])
+            record_done(storage_path, base_args.storage_filesystem, sweep, trial_name,
+                        {**last["metrics"], "config": config_key(config)})
 
     if args.num_workers == 0:
         def report(metrics, state, folder):
