@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--help-all" in rest:
         from .config import full_help
 
-        print(full_help())
+        print(full_help([a for a in rest if a != "--help-all"]))
         return 0
     if "-h" in rest or "--help" in rest:
         from .help import grouped_help
