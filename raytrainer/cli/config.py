@@ -255,6 +255,20 @@ def _trainer_of(argv) -> tuple[str, str, dict]:
     return check_trainer(doc.get("trainer", "trainer"), f"{config_path}: trainer"), config_path, doc
 
 
+def _trl_hint(key, trainer: str) -> str:
+    """' (a field of SFTConfig: set trainer: sft)' for a TRL key under another trainer (the error path only)."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        return ""
+    for name in TRAINERS:
+        if name not in ("trainer", trainer):
+            config = trainer_classes(name)[1]
+            if key in {f.name for f in dataclasses.fields(config)}:
+                return f" (a field of TRL's {config.__name__}: set trainer: {name})"
+    return ""
+
+
 def load_config(argv=None) -> tuple[JobConfig, argparse.Namespace]:
     trainer, config_path, doc = _trainer_of(argv)
     parser = _Parser(trainer)
@@ -277,7 +291,8 @@ def load_config(argv=None) -> tuple[JobConfig, argparse.Namespace]:
         for key, value in body.items():
             if key not in keys:
                 elsewhere = parser.fields.get(key, (None,))[0]
-                hint = f" (it belongs in {elsewhere}:)" if elsewhere else closest(str(key), keys)
+                hint = f" (it belongs in {elsewhere}:)" if elsewhere else (
+                    _trl_hint(key, trainer) if section == "training_args" else "") or closest(str(key), keys)
                 raise ConfigError(f"{config_path}: {section}.{key} is not a known key{hint}")
             values[section][key] = parser.convert(key, value, f"{section}.{key}")
     for key, value in cli.items():
