@@ -150,6 +150,17 @@ def test_dpo_config_runs_in_process_against_a_reference_built_the_same_way(job, 
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5) and losses[1] != losses[0]
 
 
+def test_reward_trainer_scores_pairs_with_a_one_label_classifier(job, tmp_path):
+    pairs = os.path.join(CONFIGS, "data", "dpo_pairs.jsonl")
+    path = write(tmp_path, f"trainer: reward\nmodel: tiny_llama\ndata:\n  train_file: {pairs}\n  eval_file: {pairs}\n"
+                           "training_args:\n  num_workers: 0\n  max_steps: 2\n  per_device_train_batch_size: 4\n"
+                           "  bf16: false\n  gradient_checkpointing: false\n  report_to: []\n")
+    summary = job.main(["--config", path, "--output_dir", str(tmp_path / "o")])
+    assert summary["global_step"] == 2 and math.isfinite(summary["eval_loss"])
+    saved = json.load(open(tmp_path / "o" / "config.json"))
+    assert saved["architectures"] == ["LlamaForSequenceClassification"] and len(saved["id2label"]) == 1
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("path", [SFT, DPO], ids=["sft", "dpo"])
 def test_trl_config_on_two_workers(job, path, tmp_path, ray_cluster):
