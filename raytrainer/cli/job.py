@@ -108,10 +108,11 @@ def trl_trainer(job: JobConfig, prepared):
 
     trainer_cls, _ = trainer_classes(job.trainer)
     args = job.training_args
+    model_init, seed = prepared.model_init, args.seed  # what build() carries to a trial (not the datasets)
 
     def build():
-        set_seed(args.seed)
-        return prepared.model_init()
+        set_seed(seed)
+        return model_init()
 
     kwargs = {"ref_model": build()} if job.trainer == "dpo" else {}
     trainer = trainer_cls(model=build(), args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
