@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import re
+import sys
 import typing
 from typing import Any
 
@@ -245,8 +246,6 @@ def _trainer_of(argv) -> tuple[str, str, dict]:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default="tiny_gpt2")
     pre.add_argument("--trainer", default=None)
-    import sys
-
     ns, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     config_path = os.path.abspath(config_path_of(ns.config))
     doc = load_yaml(config_path)
