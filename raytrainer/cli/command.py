@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     if "--help-all" in rest:
         from .config import full_help
 
-        print(full_help())
+        try:
+            print(full_help([a for a in rest if a != "--help-all"]))
+        except ConfigError as e:  # --config or --trainer names nothing
+            print(f"raytrainer {command}: error: {e}", file=sys.stderr)
+            return 2
         return 0
     if "-h" in rest or "--help" in rest:
         from .help import grouped_help

@@ -14,13 +14,14 @@ import argparse
 import dataclasses
 import os
 import re
+import sys
 import typing
 from typing import Any
 
 import yaml
 
-from .arguments import (DEFAULT_RUNS_DIR, RUNS_DIR_ENV, ConfigError, DataArguments, JobConfig, ModelArguments,
-                        SearchArguments, closest, first_line)
+from .arguments import (DEFAULT_RUNS_DIR, RUNS_DIR_ENV, TRAINERS, ConfigError, DataArguments, JobConfig,
+                        ModelArguments, SearchArguments, closest, first_line)
 from .shipped import config_path as config_path_of
 
 # ===================================================================================== YAML
@@ -74,17 +75,48 @@ def _yaml_dict(text):
     return value
 
 
+def trainer_classes(name: str) -> tuple[type, type]:
+    """(trainer class, config class) of a `trainer:` value; TRL is imported only here, only when asked for."""
+    import importlib
+    import importlib.util
+
+    module, trainer, config = TRAINERS[name]
+    if module == "raytrainer.trl" and importlib.util.find_spec("trl") is None:
+        raise ConfigError(f'trainer: {name} needs TRL, which is not installed: pip install "raytrainer[trl]"')
+    mod = importlib.import_module(module)
+    return getattr(mod, trainer), getattr(mod, config)
+
+
+def check_trainer(value, where: str) -> str:
+    if not isinstance(value, str) or value not in TRAINERS:
+        raise ConfigError(f"{where}: {value!r} is not a trainer; choices: {', '.join(TRAINERS)}"
+                          f"{closest(str(value), TRAINERS)}")
+    return value
+
+
+def _without(cls: type, names: set) -> type:
+    """A job section's dataclass minus the fields the trainer's config also has (TRL's max_length): the
+    trainer's field wins, one key per name on the YAML and the command line."""
+    drop = {f.name for f in dataclasses.fields(cls)} & names
+    if not drop:
+        return cls
+    hints = typing.get_type_hints(cls)
+    kept = [(f.name, hints[f.name], dataclasses.field(default=f.default, metadata=f.metadata))
+            for f in dataclasses.fields(cls) if f.name not in drop]
+    return dataclasses.make_dataclass(cls.__name__, kept)
+
+
 class _Parser:
     """HfArgumentParser over the four dataclasses; converts YAML values and CLI strings alike."""
 
-    def __init__(self):
+    def __init__(self, trainer: str = "trainer"):
         from transformers import HfArgumentParser
 
-        import raytrainer
-
-        self.training_cls = raytrainer.TrainingArguments
-        self.classes = {"model": ModelArguments, "data": DataArguments, "search": SearchArguments,
-                        "training_args": raytrainer.TrainingArguments}
+        self.trainer_cls, self.training_cls = trainer_classes(trainer)
+        training_names = {f.name for f in dataclasses.fields(self.training_cls)}
+        self.classes = {"model": _without(ModelArguments, training_names),
+                        "data": _without(DataArguments, training_names), "search": SearchArguments,
+                        "training_args": self.training_cls}
 
         class Parser(HfArgumentParser):
             def error(self, message):  # one line, no usage block
@@ -114,6 +146,7 @@ class _Parser:
                 action.type = _yaml_dict
             action.default = argparse.SUPPRESS  # the namespace holds only what was given
         self.hf.add_argument("--config", default="tiny_gpt2")
+        self.hf.add_argument("--trainer", default=None)
         self.hf.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true")
         self.hf.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
         self.hf.add_argument("-h", "--help", action="help")
@@ -201,22 +234,52 @@ def _type_name(kind, annotation) -> str:
 # ============================================================================ config -> dataclasses
 
 
-def full_help() -> str:
-    """Every option of every section, as HfArgumentParser lists them (`raytrainer train --help-all`)."""
-    return _Parser().hf.format_help()
+def full_help(argv=()) -> str:
+    """Every option of every section, as HfArgumentParser lists them (`raytrainer train --help-all`; with
+    `--trainer sft` or a config with `trainer: sft`, SFTConfig's fields)."""
+    return _Parser(_trainer_of(argv)[0]).hf.format_help()
+
+
+def _trainer_of(argv) -> tuple[str, str, dict]:
+    """(trainer, config path, YAML) from --config / --trainer, read before the full parser is built: the
+    trainer decides the class training_args is parsed into."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default="tiny_gpt2")
+    pre.add_argument("--trainer", default=None)
+    ns, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    config_path = os.path.abspath(config_path_of(ns.config))
+    doc = load_yaml(config_path)
+    if ns.trainer is not None:
+        return check_trainer(ns.trainer, "--trainer"), config_path, doc
+    return check_trainer(doc.get("trainer", "trainer"), f"{config_path}: trainer"), config_path, doc
+
+
+def _trl_hint(key, trainer: str) -> str:
+    """' (a field of SFTConfig: set trainer: sft)' for a TRL key under another trainer (the error path only)."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        return ""
+    for name in TRAINERS:
+        if name not in ("trainer", trainer):
+            config = trainer_classes(name)[1]
+            if key in {f.name for f in dataclasses.fields(config)}:
+                return f" (a field of TRL's {config.__name__}: set trainer: {name})"
+    return ""
 
 
 def load_config(argv=None) -> tuple[JobConfig, argparse.Namespace]:
-    parser = _Parser()
+    trainer, config_path, doc = _trainer_of(argv)
+    parser = _Parser(trainer)
     ns, cli = parser.parse_cli(argv)
-    config_path = os.path.abspath(config_path_of(ns.config))
-    doc = load_yaml(config_path)
     valid = ["model", "data", "training_args", "search"]
     values: dict[str, dict] = {s: {} for s in valid}
     for section, body in doc.items():
+        if section == "trainer":
+            continue  # read by _trainer_of
         if section not in valid:
-            raise ConfigError(f"{config_path}: unknown section {section!r}{closest(str(section), valid)}; "
-                              f"sections are {', '.join(valid)}")
+            raise ConfigError(f"{config_path}: unknown section {section!r}{closest(str(section), valid + ['trainer'])}; "
+                              f"sections are trainer, {', '.join(valid)}")
         if section == "model" and isinstance(body, str):
             body = {"model_name_or_path": body}  # `model: tiny_gpt2` shorthand
         if body is None:
@@ -227,7 +290,8 @@ def load_config(argv=None) -> tuple[JobConfig, argparse.Namespace]:
         for key, value in body.items():
             if key not in keys:
                 elsewhere = parser.fields.get(key, (None,))[0]
-                hint = f" (it belongs in {elsewhere}:)" if elsewhere else closest(str(key), keys)
+                hint = f" (it belongs in {elsewhere}:)" if elsewhere else (
+                    _trl_hint(key, trainer) if section == "training_args" else "") or closest(str(key), keys)
                 raise ConfigError(f"{config_path}: {section}.{key} is not a known key{hint}")
             values[section][key] = parser.convert(key, value, f"{section}.{key}")
     for key, value in cli.items():
@@ -235,10 +299,11 @@ def load_config(argv=None) -> tuple[JobConfig, argparse.Namespace]:
     if "search" not in doc and values["search"]:
         raise ConfigError(f"--{next(iter(values['search']))} given but the config has no search: section")
 
-    model = ModelArguments(**values["model"])
-    data = DataArguments(**values["data"])
+    model = parser.classes["model"](**values["model"])  # minus fields the trainer's config has (TRL's max_length)
+    data = parser.classes["data"](**values["data"])
     search = SearchArguments(**values["search"]) if "search" in doc else None
-    job = JobConfig(model=model, data=data, training_args=None, search=search, config_path=config_path)
+    job = JobConfig(model=model, data=data, training_args=None, search=search, config_path=config_path,
+                    trainer=trainer)
     targs = values["training_args"]
     resolve_outputs(targs, job)
     job.given = list(targs)

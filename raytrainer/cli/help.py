@@ -22,6 +22,8 @@ The YAML and the command line fill the same dataclasses: `--key value` overrides
 
 JOB = [
     ("--config NAME|PATH", "a shipped config's name (raytrainer configs) or a YAML file; default tiny_gpt2"),
+    ("--trainer NAME", "trainer (raytrainer.Trainer, default) | sft | dpo | reward (raytrainer.trl: training_args "
+                       "takes TRL's SFTConfig / DPOConfig / RewardConfig fields); overrides the config's trainer:"),
     ("--dry-run", "resolve the config, check model and data, print resources and outputs; start nothing"),
     ("--resume_from_checkpoint true|PATH", "true: continue from the last checkpoint of run_name in storage_path "
                                            "(a resubmitted job after a crash); PATH: that checkpoint"),

@@ -132,6 +132,10 @@ def minilm_path() -> str:
 def resolve_model(model: ModelArguments) -> tuple[str, str]:
     """(kind or path, task) checked on the driver: a folder exists, a Hub id is reachable or cached."""
     name = model.model_name_or_path
+    if name == "tiny_llama":
+        if model.task not in ("auto", "causal_lm", "sequence_classification"):
+            raise ConfigError(f"model.task={model.task!r}: tiny_llama is causal_lm or sequence_classification")
+        return name, "causal_lm" if model.task == "auto" else model.task
     if name == "tiny_gpt2":
         if model.task not in ("auto", "causal_lm"):
             raise ConfigError(f"model.task={model.task!r}: tiny_gpt2 is a causal LM; use task: causal_lm")
@@ -218,10 +222,49 @@ class ByteTokenizer:
 TINY_GPT2 = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=2)
 
 
+# tiny_llama's tokenizer: byte-level (any UTF-8 text, vocabulary 256 + specials), made on the fly; its chat
+# template marks the assistant's turns with {% generation %}, which TRL's assistant_only_loss reads
+LLAMA_SPECIALS = ("<pad>", "<s>", "<|end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ 'assistant: ' }}{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['role'] + ': ' + message['content'] + '<|end|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1)
+
+
+def tiny_llama_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate([*LLAMA_SPECIALS, *alphabet])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def make_model_init(where: str, task: str, num_labels: int | None, max_length: int, label_names=None):
     """A picklable model_init: each Ray worker builds its own model."""
 
     def model_init():
+        if where == "tiny_llama":
+            from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+            tok = tiny_llama_tokenizer()
+            config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=max(128, max_length),
+                                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, num_labels=num_labels or 1, **TINY_LLAMA)
+            if task == "sequence_classification":
+                return LlamaForSequenceClassification(config)
+            return LlamaForCausalLM(config)
         if where == "tiny_gpt2":
             from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -246,6 +289,8 @@ def make_model_init(where: str, task: str, num_labels: int | None, max_length: i
 def load_tokenizer(where: str):
     if where == "tiny_gpt2":
         return ByteTokenizer()
+    if where == "tiny_llama":
+        return tiny_llama_tokenizer()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(where)
@@ -351,6 +396,8 @@ def accuracy(eval_pred):
 
 def check_inputs(job: JobConfig) -> dict:
     """Everything about model and data that can fail, checked before Ray starts. Returns what was found."""
+    if job.trainer != "trainer":
+        return check_trl_inputs(job)
     where, task = resolve_model(job.model)
     data = job.data
     config_dir = os.path.dirname(job.config_path)
@@ -374,7 +421,57 @@ def check_inputs(job: JobConfig) -> dict:
     return {"model": where, "task": task, "files": files}
 
 
+# ============================================================================ TRL trainers (trainer: sft|dpo|reward)
+
+# the columns of TRL's dataset formats, one of which each file needs (TRL's constructor reads the rest)
+TRL_COLUMNS = {"sft": (("messages",), ("text",), ("prompt", "completion"), ("prompt",)),
+               "dpo": (("prompt", "chosen", "rejected"), ("chosen", "rejected")),
+               "reward": (("prompt", "chosen", "rejected"), ("chosen", "rejected"))}
+
+
+def check_trl_inputs(job: JobConfig) -> dict:
+    """A TRL trainer's model and data files, checked before Ray starts: TRL prepares the raw dataset itself."""
+    if job.model.model_name_or_path == "tiny_gpt2":
+        raise ConfigError(f"trainer: {job.trainer} needs a tokenizer with a chat template: use "
+                          "model.model_name_or_path: tiny_llama (or a model folder / Hub id), not tiny_gpt2")
+    if job.trainer == "reward" and job.model.task == "auto":
+        job.model.task = "sequence_classification"  # TRL's reward model: one score per sequence
+    where, task = resolve_model(job.model)
+    if not job.data.train_file:
+        raise ConfigError(f"trainer: {job.trainer} has no built-in data: set data.train_file")
+    files = {}
+    for key in ("train_file", "eval_file"):
+        path = getattr(job.data, key)
+        if path:
+            files[key] = resolve_data_file(path, key, os.path.dirname(job.config_path))
+            columns = peek_columns(files[key])
+            if not any(all(c in columns for c in need) for need in TRL_COLUMNS[job.trainer]):
+                formats = " or ".join("/".join(need) for need in TRL_COLUMNS[job.trainer])
+                raise ConfigError(f"data.{key}: {files[key]} has columns {columns}; trainer: {job.trainer} needs "
+                                  f"{formats} (TRL's dataset formats)")
+    return {"model": where, "task": task, "files": files}
+
+
+def prepare_trl(job: JobConfig, found: dict) -> Prepared:
+    """The raw datasets (TRL tokenises, applies the chat template and packs them in its constructor), the
+    tokenizer, and a model_init; num_labels=1 for a reward model."""
+    import datasets
+
+    files = found["files"]
+    tokenizer = load_tokenizer(found["model"])
+    train = datasets.Dataset(read_table(files["train_file"]))
+    evaluation = datasets.Dataset(read_table(files["eval_file"])) if "eval_file" in files else None
+    num_labels = 1 if found["task"] == "sequence_classification" else None
+    max_length = getattr(job.training_args, "max_length", None) or 128
+    model_init = make_model_init(found["model"], found["task"], num_labels, max_length)
+    description = {"train": f"{files['train_file']} ({len(train)} rows, prepared by TRL)",
+                   "eval": f"{files['eval_file']} ({len(evaluation)} rows)" if evaluation is not None else "none"}
+    return Prepared(model_init, tokenizer, train, evaluation, found["task"], None, description)
+
+
 def prepare(job: JobConfig, found: dict) -> Prepared:
+    if job.trainer != "trainer":
+        return prepare_trl(job, found)
     where, task, files = found["model"], found["task"], found["files"]
     data, args = job.data, job.training_args
     tokenizer = load_tokenizer(where)

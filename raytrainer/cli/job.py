@@ -48,17 +48,20 @@ def run(job: JobConfig, found: dict) -> dict:
             tracking.use_local_store(out)
         tracking_env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME") if k in os.environ}
 
-    needs_ray_data = args.num_workers > 0 and "train_file" in found["files"]
+    needs_ray_data = args.num_workers > 0 and "train_file" in found["files"] and job.trainer == "trainer"
     if args.num_workers > 0 or job.search is not None:
         from raytrainer.quiet import job_logs
 
         job_logs()  # one clean log: each warning once, from whichever process (raytrainer/quiet.py)
     start_ray(job, needs_ray_data, {**tracking_env, **plain_log_env()})
     prepared = prepare(job, found)
-    trainer = raytrainer.Trainer(
-        model_init=prepared.model_init, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
-        processing_class=prepared.tokenizer, compute_metrics=prepared.compute_metrics,
-    )
+    if job.trainer == "trainer":
+        trainer = raytrainer.Trainer(
+            model_init=prepared.model_init, args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+            processing_class=prepared.tokenizer, compute_metrics=prepared.compute_metrics,
+        )
+    else:
+        trainer = trl_trainer(job, prepared)
     if tracking_on(args):
         from raytrainer.tracking.mlflow import use_safe_mlflow_callback
 
@@ -94,6 +97,30 @@ def run(job: JobConfig, found: dict) -> dict:
                             ("checkpoints", "checkpoints"), ("best checkpoint", "best_checkpoint"),
                             ("plot", "plot"), ("MLflow run", "mlflow_run")])
     return summary
+
+def trl_trainer(job: JobConfig, prepared):
+    """TRL's constructor (through raytrainer.trl) with a model built here: TRL takes model=, not model_init=.
+    DPO's reference model is built the same way from the same seed (the policy's starting point), so TRL
+    does not reload it from the Hub by name."""
+    from transformers import set_seed
+
+    from .config import trainer_classes
+
+    trainer_cls, _ = trainer_classes(job.trainer)
+    args = job.training_args
+    model_init, seed = prepared.model_init, args.seed  # what build() carries to a trial (not the datasets)
+
+    def build():
+        set_seed(seed)
+        return model_init()
+
+    kwargs = {"ref_model": build()} if job.trainer == "dpo" else {}
+    trainer = trainer_cls(model=build(), args=args, train_dataset=prepared.train, eval_dataset=prepared.eval,
+                          processing_class=prepared.tokenizer, **kwargs)
+    if job.search is not None:
+        trainer.model_init = build  # hyperparameter_search: one fresh model per trial
+    return trainer
+
 
 def _end_run(run_id: str) -> None:
     """End the job's run: FINISHED, whoever (a worker's callback reattaching) touched it last."""

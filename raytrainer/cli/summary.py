@@ -78,6 +78,7 @@ def _given_args(job: JobConfig) -> dict:
 def dry_run(job: JobConfig, found: dict) -> None:
     resolved = {
         "config": job.config_path,
+        "trainer": job.trainer,
         "model": {**dataclasses.asdict(job.model), "resolved": found["model"], "task": found["task"]},
         "data": {**dataclasses.asdict(job.data), **{k: v for k, v in found["files"].items()}},
         "training_args": _given_args(job),

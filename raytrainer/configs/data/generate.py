@@ -4,12 +4,15 @@
 
 sentiment_train.csv / sentiment_eval.csv: `text,label` rows (label: positive | negative) for the
 MiniLM classification config; tiny_corpus.txt: one short English sentence per line for the
-causal-LM config (tiny GPT-2 reads it as UTF-8 bytes).
+causal-LM config (tiny GPT-2 reads it as UTF-8 bytes); sft_chat.jsonl: `messages` conversations (user asks
+where an animal is, the assistant answers) for sft_tiny_llama; dpo_pairs.jsonl: `prompt`, `chosen` (the right
+answer), `rejected` (a wrong one) for dpo_tiny_llama.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 
@@ -50,8 +53,34 @@ def write_corpus(path: str, n: int, seed: int) -> None:
             f.write(f"the {rng.choice(ANIMALS)} {rng.choice(VERBS)} {rng.choice(PLACES)}.\n")
 
 
+def _fact(rng: random.Random) -> tuple[str, str, str]:
+    animal, verb, place = rng.choice(ANIMALS), rng.choice(VERBS), rng.choice(PLACES)
+    wrong = rng.choice([p for p in PLACES if p != place])
+    return f"where {verb} the {animal}? it {verb} {place}.", f"the {animal} {verb} {place}.", \
+        f"the {animal} {verb} {wrong}."
+
+
+def write_chats(path: str, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            question, answer, _ = _fact(rng)
+            f.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+
+
+def write_pairs(path: str, n: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            question, answer, wrong = _fact(rng)
+            f.write(json.dumps({"prompt": question + " ", "chosen": answer, "rejected": wrong}) + "\n")
+
+
 if __name__ == "__main__":
     write_csv(os.path.join(HERE, "sentiment_train.csv"), 256, seed=0)
     write_csv(os.path.join(HERE, "sentiment_eval.csv"), 128, seed=1)
     write_corpus(os.path.join(HERE, "tiny_corpus.txt"), 600, seed=2)
     write_corpus(os.path.join(HERE, "tiny_corpus_eval.txt"), 100, seed=3)
+    write_chats(os.path.join(HERE, "sft_chat.jsonl"), 48, seed=4)
+    write_pairs(os.path.join(HERE, "dpo_pairs.jsonl"), 48, seed=5)
