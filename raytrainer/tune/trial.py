@@ -126,6 +126,9 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
             resume = exploited.to_directory()
             if _global_step(resume) >= args.max_steps > 0:
                 return  # Tune paused this trial at its last report; the run is complete
+            import pyarrow.fs as pafs
+
+            _forget_donor_best(pafs.LocalFileSystem(), resume)
             # the donor's whole state (weights, optimizer, scheduler, RNG, data position), then this
             # trial's mutated hyperparameters on top (loop.py: apply_hyperparameters_after_resume)
             trainer._hyperparameters_override_checkpoint = True
@@ -154,6 +157,26 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
     _run_multi_worker(trainer, config, report, with_checkpoint=report_checkpoints, resume=resume,
                       final_report=final_report)
     record_if_ended_early()
+
+
+def _forget_donor_best(fs, checkpoint: str) -> None:
+    """A PBT exploit resumes from our own copy of a donor's checkpoint; the donor's best_model_checkpoint names
+    a folder of the donor's run, which this trial must neither load nor rotate (checkpoint/state_check.py
+    refuses it): the copy forgets it, and the trial's own best is found again by its own evaluations."""
+    import json
+
+    path = f"{checkpoint}/trainer_state.json"
+    try:
+        with fs.open_input_stream(path) as f:
+            state = json.loads(f.read().decode())
+    except (FileNotFoundError, OSError, ValueError):
+        return  # no state, or an unreadable one: the resume's own check names it
+    if not isinstance(state, dict) or state.get("best_model_checkpoint") is None:
+        return
+    state["best_model_checkpoint"] = None
+    with fs.open_output_stream(f"{path}.tmp") as f:
+        f.write(json.dumps(state, indent=2, sort_keys=True).encode())
+    fs.move(f"{path}.tmp", path)
 
 
 def _global_step(checkpoint_dir: str) -> int:
@@ -214,6 +237,7 @@ class CheckpointPointer:
                     f"PBT exploit: the donor checkpoint {path} is gone (the donor's save_total_limit deleted it "
                     "before this trial restarted); use save_total_limit=None or a larger limit with scheduler='pbt'."
                 ) from None
+            _forget_donor_best(self.fs, copy)
             print(f"[hp-search] trial {self.trial_name} exploits {pointer['trial']}: copied "
                   f"{os.path.basename(path)} to {copy}", flush=True)
             path = copy
