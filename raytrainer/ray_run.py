@@ -80,7 +80,6 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
     args = trainer.args
     storage_path, name = storage_location(args)
     fs, base, run_dir = _storage_for(args, storage_path, name)
-    check_shared_storage(fs, run_dir)  # before the run lease writes into a folder the other nodes cannot see
     datasets = {k: v for k, v in (("train", trainer.train_dataset),) if is_ray_dataset(v)}
     check_train_dataset(trainer)
     check_elastic(args, datasets)  # num_workers=(min, max): what a resize could not continue
@@ -108,6 +107,8 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
     if resume is not None and args.restore_callback_states_from_checkpoint:
         restore_callback_states(trainer, _read_state(fs if resume_in_storage else None, resume))
 
+    _ensure_ray()
+    check_shared_storage(fs, run_dir)  # before the run lease writes into a folder the other nodes cannot see
     fit_id = uuid.uuid4().hex
     # one writer per run folder: refused here, before Ray starts a worker, while another live run writes it
     # a sweep's trial restarted by Tune (PBT) may find its old actor's process still exiting: a few seconds' grace
