@@ -58,8 +58,9 @@ def test_the_wheel_is_what_runs(venv):
 def test_configs_lists_and_copies(venv):
     out = run(venv, venv["bin"] / "raytrainer", "configs")
     assert out.returncode == 0, out.stderr
-    assert [line.split()[0] for line in out.stdout.splitlines()] == ["minilm_sentiment", "sweep_asha", "sweep_pbt",
-                                                                    "tiny_gpt2", "tiny_gpt2_text", "zero3_offload"]
+    assert [line.split()[0] for line in out.stdout.splitlines()] == [
+        "dpo_tiny_llama", "minilm_sentiment", "sft_tiny_llama", "sweep_asha", "sweep_pbt", "tiny_gpt2", "tiny_gpt2_text",
+        "zero3_offload"]
     out = run(venv, venv["bin"] / "raytrainer", "configs", "cp", "tiny_gpt2_text", "mine/")
     assert out.returncode == 0, out.stderr
     copied = venv["cwd"] / "mine" / "tiny_gpt2_text.yaml"
