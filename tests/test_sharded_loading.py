@@ -6,18 +6,15 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
 
 try:
-    from tests.helpers import tiny_gpt2, tiny_llama
+    from tests.helpers import run_gloo_ranks, tiny_gpt2, tiny_llama
 except ImportError:
-    from helpers import tiny_gpt2, tiny_llama
+    from helpers import run_gloo_ranks, tiny_gpt2, tiny_llama
 
 from raytrainer.strategies.pretrained import header_tensors, meta_build, sharded_source
 
@@ -134,20 +131,7 @@ def test_each_rank_reads_its_slices(folders, tmp_path):
     """2 ranks: each reads exactly its half of the files' bytes (a tensor's rows through get_slice), holds
     its half, and the gathered weights and buffers equal from_pretrained's bit for bit; a model_init that
     cannot be loaded that way (a new head) falls back to rank 0's build with one warning, same weights."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    code = f"import sys; sys.path.insert(0, {ROOT!r}); from tests.test_sharded_loading import _rank; " \
-           f"_rank({folders!r}, {str(tmp_path)!r})"
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    results = run_gloo_ranks("tests.test_sharded_loading", f"_rank({folders!r}, {str(tmp_path)!r})", tmp_path)
     with torch.random.fork_rng():
         torch.manual_seed(42)
         draw = torch.rand(4).tolist()  # from_pretrained of complete files draws nothing

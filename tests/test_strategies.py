@@ -41,9 +41,9 @@ import torch
 import raytrainer
 
 try:
-    from tests.helpers import lm_examples, tiny_gpt2
+    from tests.helpers import lm_examples, run_gloo_ranks, tiny_gpt2
 except ImportError:
-    from helpers import lm_examples, tiny_gpt2
+    from helpers import lm_examples, run_gloo_ranks, tiny_gpt2
 
 N_EXAMPLES = 32  # 2 epochs x 4 optimizer steps of a global batch 8 (2 workers x 2 x accumulation 2)
 # ../shared/seeds: "启用优化器卸载（DeepSpeed）", as given
@@ -455,26 +455,7 @@ def test_sharded_build_gives_the_unsharded_weights(tmp_path):
     """strategies/build.py on 2 gloo ranks (plain processes): fsdp's meta skeleton filled from rank 0's build,
     and ZeRO-3's zero.Init partitions filled from it, hold half the parameters each and equal the unsharded
     build bit for bit; every rank then draws the random numbers an unsharded build's rank would."""
-    import json
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = f"import sys; sys.path.insert(0, {root!r}); from tests.test_strategies import _sharded_build_rank; " \
-           f"_sharded_build_rank({str(tmp_path)!r})"
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    results = run_gloo_ranks("tests.test_strategies", f"_sharded_build_rank({str(tmp_path)!r})", tmp_path)
     total = sum(p.numel() for p in tiny_gpt2().parameters())
     with torch.random.fork_rng():
         torch.manual_seed(42)  # transformers' set_seed, then model_init, then training's first draw
