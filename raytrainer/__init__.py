@@ -64,7 +64,7 @@ def _load() -> None:
 def _entry_loads_later() -> bool:
     """The job's entries (the `raytrainer` command, jobs/finetune.py) load these names when they need
     them: `--help` must not spend its 2 s importing torch, and Ray's log settings go in before Ray is
-    imported (raytrainer.quiet.skip_ray_noise)."""
+    imported (raytrainer.log_filter.skip_ray_noise)."""
     import os
     import sys
 

@@ -37,7 +37,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .base import Strategy
+from .base import Strategy, load_scheduler
 from .build import is_skeleton
 
 MODEL_DIR = "model_dcp"
@@ -191,7 +191,7 @@ class FSDPStrategy(Strategy):
         safe_dcp_load({"model": model_state}, os.path.join(folder, MODEL_DIR))
         safe_dcp_load({"optimizer": optim_state}, os.path.join(folder, OPTIMIZER_DIR))
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
-        _load_scheduler(trainer, folder)
+        load_scheduler(trainer, folder)
 
     def load_best_weights(self, trainer, folder):
         from .build import load_full_weights_fsdp
@@ -205,14 +205,6 @@ def _options(model):
 
     frozen = any(not p.requires_grad for p in model.parameters())
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
-
-
-def _load_scheduler(trainer, folder: str) -> None:
-    from transformers.trainer import SCHEDULER_NAME
-
-    path = os.path.join(folder, SCHEDULER_NAME)
-    if os.path.isfile(path) and trainer.lr_scheduler is not None:
-        trainer.lr_scheduler.load_state_dict(torch.load(path, weights_only=True))
 
 
 def _full(norm):

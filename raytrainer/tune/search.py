@@ -19,7 +19,7 @@ import os
 import warnings
 
 from ..args import check_folder_name
-from ..crossing import TrainerBlueprint
+from ..spec import TrainerBlueprint
 from .dashboard import check_dashboard_for_stopping_scheduler
 from .objective import best_run, direction_to_mode
 from .schedulers import build_scheduler, is_pbt
@@ -37,7 +37,7 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
                           backend=None, hp_name=None, **kwargs):
     from ray import tune
 
-    from ..ray_run import check_picklable, ensure_ray
+    from ..launch import check_picklable, ensure_ray
 
     args = trainer.args
     if backend not in (None, "ray", "optuna") and str(getattr(backend, "value", backend)) not in ("ray", "optuna"):
