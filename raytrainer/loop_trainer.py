@@ -19,12 +19,13 @@ from .args_layer import to_ray_args
 from .checkpoint import CheckpointWriter
 from .checkpoint.save import CheckpointHooks, PendingSave, SaveAwareCallbackHandler
 from .data.ray_data import is_ray_dataset
-from .deepspeed_import import skip_unused_deepspeed_import
+from .deepspeed_import import name_the_cpu_for_deepspeed, skip_unused_deepspeed_import
 from .hub import HubHooks
 from .loop import TrainingLoop
 from .model_init import ModelInitHooks
 from .step_hooks import StepHooks
 
+name_the_cpu_for_deepspeed()  # before accelerate imports DeepSpeed in Trainer(): no accelerator warning
 skip_unused_deepspeed_import()  # ~1 s off every process's first Trainer() when DeepSpeed is installed
 
 logger = logging.getLogger("raytrainer")

@@ -20,10 +20,13 @@ import logging
 
 import torch
 
+from .checkpoint.resume import plan_resume
+from .data.checks import check_train_dataset
 from .data.ray_data import is_ray_dataset
 from .loop_trainer import LoopTrainer
 from .redact import redacted_errors
 from .spec import is_display_callback
+from .strategies import check_strategy
 from .strategies.build import is_skeleton
 
 logger = logging.getLogger("raytrainer")
@@ -37,10 +40,6 @@ class Trainer(LoopTrainer):
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
         if self._in_worker:  # a Ray worker: the driver validated, checked and planned the resume
             return self.train_here(resume_from_checkpoint, trial, ignore_keys_for_eval)
-        from .checkpoint.resume import plan_resume
-        from .data.checks import check_train_dataset
-        from .strategies import check_strategy
-
         self.args.validate()
         self.args.check_supported()  # fields the loop does not honour (fields.py): refused here, not at construction
         self._apply_logging_dir()

@@ -26,6 +26,7 @@ from .checkpoint.ray_checkpoints import RayCheckpoints
 from .checkpoint.resume import check_download
 from .checkpoint.run_meta import load_run_meta
 from .checkpoint.state_check import check_checkpoint_state
+from .checkpoint.upload import with_retries
 from .data.ray_data import RayShard
 from .elastic import adapt_to_world
 from .event_stream import StreamToDriver
@@ -148,8 +149,6 @@ def _send_final_state(spec: RunSpec, trainer) -> None:
 
 def _upload(spec: RunSpec, local_dir: str, name: str) -> None:
     import pyarrow.fs as pafs
-
-    from .checkpoint.upload import with_retries
 
     fs, dest = spec.storage_filesystem, f"{spec.run_dir}/{name}"
     if isinstance(fs, pafs.LocalFileSystem):

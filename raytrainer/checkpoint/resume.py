@@ -22,7 +22,8 @@ import os
 import posixpath
 
 from ..spec import ResumePlan
-from .layout import TRAINER_STATE, checkpoint_step, latest_checkpoint
+from ..strategies import check_resume
+from .layout import checkpoint_step, latest_checkpoint, TRAINER_STATE
 from .run_meta import load_run_meta, other_order
 from .state_check import check_trainer_state_text
 
@@ -32,8 +33,6 @@ def plan_resume(args, resume_from_checkpoint, *, fs=None, run_dir=None, run_labe
     """The resume train() asked for. In-process: `fs` None. On Ray: the run's storage filesystem, its run
     folder and its label for messages (`<storage_path>/<name>`, redacted)."""
     from .. import storage
-    from ..strategies import check_resume
-
     resume = resume_from_checkpoint
     if resume is None or resume is False:
         return None

@@ -48,8 +48,9 @@ import logging
 import torch
 import torch.distributed as dist
 
-from ..checkpoint.pickle_check import deepspeed_tag
-from .base import Strategy, load_scheduler
+from ..checkpoint.pickle_check import check_checkpoint_pickles, deepspeed_tag, safe_deepspeed_load
+from ..redact import redact
+from .base import load_scheduler, Strategy
 from .build import load_full_weights_zero3, read_full_weights
 from .deepspeed_config import check_checkpoint_world_size, deepspeed_config
 
@@ -146,8 +147,6 @@ class DeepSpeedStrategy(Strategy):
 
     def save_sharded(self, model, optimizer, folder, step):
         # frozen weights (a PEFT model's base) are not state: the model rebuilds them on resume
-        from ..redact import redact
-
         # DeepSpeed pickles its config into every state file (ds_config): the saved copy is redacted
         config = self.engine.config
         self.engine.config = redact(config) if isinstance(config, dict) else config
@@ -160,8 +159,6 @@ class DeepSpeedStrategy(Strategy):
         return any(not p.requires_grad for p in self.engine.module.parameters())
 
     def load_checkpoint(self, trainer, folder):
-        from ..checkpoint.pickle_check import check_checkpoint_pickles, safe_deepspeed_load
-
         universal = bool(self.engine.load_universal_checkpoint())
         tag = deepspeed_tag(folder, universal)  # never `latest` followed by DeepSpeed itself
         if tag is None:

@@ -37,8 +37,10 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.pickle_check import safe_dcp_load
 from .base import Strategy, load_scheduler
-from .build import is_skeleton
+from .build import fill_fsdp, is_skeleton, load_full_weights_fsdp
+from .pretrained import load_fsdp_shards
 
 MODEL_DIR = "model_dcp"
 OPTIMIZER_DIR = "optim_dcp"
@@ -100,13 +102,9 @@ class FSDPStrategy(Strategy):
         if build is not None and build.kind == "fsdp" and is_skeleton(model):
             # model_init's model, built as a meta skeleton (strategies/build.py): allocate this rank's
             # shards only, read slice by slice from the pretrained files, or filled from rank 0's reference build
-            from .build import fill_fsdp
-
             offload = _true(self.config.get("cpu_offload")) or _true(self.config.get("offload_params"))
             device = torch.device("cpu") if offload else self.device
             if build.source is not None:
-                from .pretrained import load_fsdp_shards
-
                 build.loaded = load_fsdp_shards(model, build.source, device)
             else:
                 fill_fsdp(model, build.reference, device)
@@ -173,15 +171,11 @@ class FSDPStrategy(Strategy):
     def load_checkpoint(self, trainer, folder):
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        from ..checkpoint.pickle_check import safe_dcp_load
-
         model, optimizer = trainer.model_wrapped, trainer.optimizer
         if not os.path.isdir(os.path.join(folder, OPTIMIZER_DIR)):
             # a checkpoint without sharded state (DDP's, transformers'): transformers' train() loaded the
             # weights, unless the model was built shard by shard (then they are loaded into the shards here)
             if getattr(trainer, "_sharded_build", None) is not None:
-                from .build import load_full_weights_fsdp
-
                 load_full_weights_fsdp(model, folder)
             return Strategy.load_checkpoint(self, trainer, folder)
         options = _options(model)
@@ -194,8 +188,6 @@ class FSDPStrategy(Strategy):
         load_scheduler(trainer, folder)
 
     def load_best_weights(self, trainer, folder):
-        from .build import load_full_weights_fsdp
-
         load_full_weights_fsdp(trainer.model_wrapped, folder)  # rank 0 reads, the shards are filled from it
 
 

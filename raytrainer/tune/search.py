@@ -19,7 +19,10 @@ import os
 import warnings
 
 from ..args import check_folder_name
+from ..checkpoint.layout import latest_checkpoint, TRAINER_STATE
+from ..redact import redact
 from ..spec import TrainerBlueprint
+from .completion import all_recorded
 from .dashboard import check_dashboard_for_stopping_scheduler
 from .objective import best_run, direction_to_mode
 from .schedulers import build_scheduler, is_pbt
@@ -113,8 +116,6 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
         trainer.sweep_results = results  # the trials table: results.get_dataframe()
         rows = []
         scope = os.environ.get("RAY_SCOPE", "last")  # transformers' knob: which reports rank the trials
-        from .completion import all_recorded
-
         done = all_recorded(storage_path, args.storage_filesystem, name)  # trials' own completion records
         for result in results:
             record = _recorded_metrics(result, done)
@@ -210,8 +211,6 @@ def TrialLines(max_steps):  # noqa: N802 - a factory: ray.tune is imported only 
 
 
 def _short(config: dict) -> str:
-    from ..redact import redact
-
     config = redact(dict(config))  # a searched field may be a secret-named one
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
@@ -219,8 +218,6 @@ def _short(config: dict) -> str:
 def best_checkpoint_of(run_dir: str | None) -> str | None:
     """The trial's best checkpoint as its last trainer_state.json names it, else its latest checkpoint."""
     import json
-
-    from ..checkpoint.layout import TRAINER_STATE, latest_checkpoint
 
     latest = latest_checkpoint(run_dir) if run_dir else None
     if latest is None:

@@ -18,6 +18,7 @@ import threading
 from transformers import TrainerCallback
 
 from ..args import check_folder_name
+from .completion import config_key, record_done, recorded
 from .objective import default_objective
 from .validate import split_params
 
@@ -71,8 +72,6 @@ def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name
 def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_name, report_checkpoints, context,
                restored):
     from ray import tune
-
-    from .completion import config_key, record_done, recorded
 
     overrides, _ = split_params(config, blueprint.ctor["args"])
     base_args = blueprint.ctor["args"]
