@@ -26,7 +26,7 @@ Trainer, as it stands, crosses to the workers (spec.TrainerBlueprint): the const
 attribute X set. Each worker builds an X with transformers' __init__ only (our layer's), never X.__init__
 again: no second tokenisation, no second reference model, no second set of callbacks, and X's
 signature may hold arguments the worker does not have. The spec this needs is only the class, the
-constructor attributes and the user attributes (spec.TrainerBlueprint); worker.py builds from it:
+constructor attributes and the user attributes (spec.TrainerBlueprint); loop_trainer.rebuild builds from it:
 `cls.__new__(cls)`, the user attributes set, `LoopTrainer.__init__(trainer, **ctor)` (the layer's, so the
 driver path is not re-entered), the user attributes set again, the driver's callback list.
 

@@ -22,7 +22,7 @@ from .data.ray_data import is_ray_dataset
 from .deepspeed_import import name_the_cpu_for_deepspeed, skip_unused_deepspeed_import
 from .hub import HubHooks
 from .loop import TrainingLoop
-from .model_init import ModelInitHooks
+from .model_init import WORKER_TRAINS, ModelInitHooks
 from .step_hooks import StepHooks
 
 name_the_cpu_for_deepspeed()  # before accelerate imports DeepSpeed in Trainer(): no accelerator warning
@@ -140,4 +140,26 @@ class LoopTrainer(HubHooks, StepHooks, CheckpointHooks, ModelInitHooks, transfor
         return TrainingLoop(self).run(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
 
-__all__ = ["LoopTrainer", "PendingSave", "coerce_args"]
+
+def rebuild(blueprint):
+    """A Trainer of the user's class, as the driver's stood at the call (a Ray worker's, a Tune trial's): the
+    subclass's __init__ is not run again (its effects are in the copied attributes, and its signature may
+    take arguments the rebuilding process does not have); our layer's __init__ (transformers' own, plus ours) is."""
+    cls = blueprint.trainer_cls
+    trainer = cls.__new__(cls)
+    # before __init__ too: an overridden hook that __init__ calls may read the subclass's attributes
+    trainer.__dict__.update(blueprint.user_attrs)
+    # a Trainer built to train (it has a train_dataset; evaluate/predict runs have none) calls model_init
+    # again in train(): __init__'s call builds a meta skeleton on a worker (model_init.py)
+    token = WORKER_TRAINS.set(blueprint.ctor.get("train_dataset") is not None)
+    try:
+        LoopTrainer.__init__(trainer, callbacks=None, **blueprint.ctor)
+    finally:
+        WORKER_TRAINS.reset(token)
+    trainer.__dict__.update(blueprint.user_attrs)
+    # the driver's list exactly (its defaults, report_to integrations, removals), minus display
+    trainer.callback_handler.callbacks = list(blueprint.callbacks)
+    return trainer
+
+
+__all__ = ["LoopTrainer", "PendingSave", "coerce_args", "rebuild"]

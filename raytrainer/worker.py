@@ -1,11 +1,12 @@
 """The workers' side of a Ray run: build the user's Trainer from the RunSpec, run the loop, report.
 
-How a worker builds the user's class without re-entering the driver's path: `cls.__new__(cls)`, the
-driver's user attributes set, then *our layer's* `__init__` (loop_trainer.LoopTrainer: transformers'
-__init__ plus ours), never the subclass's own __init__ (its work, such as TRL's tokenisation or reference
-model, was done once on the driver and crossed in the attributes), then the driver's callback list. The
-Trainer is marked `_in_worker`, so its train() runs the loop only (trainer.py): the driver validated the
-arguments and planned the resume (spec.ResumePlan), and this side downloads and loads it.
+How a worker builds the user's class without re-entering the driver's path (loop_trainer.rebuild, which
+a Tune trial uses too): `cls.__new__(cls)`, the driver's user attributes set, then *our layer's*
+`__init__` (loop_trainer.LoopTrainer: transformers' __init__ plus ours), never the subclass's own __init__
+(its work, such as TRL's tokenisation or reference model, was done once on the driver and crossed in the
+attributes), then the driver's callback list. The Trainer is marked `_in_worker`, so its train() runs the
+loop only (trainer.py): the driver validated the arguments and planned the resume (spec.ResumePlan), and
+this side downloads and loads it.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from .data.ray_data import RayShard
 from .elastic import adapt_to_world
 from .event_stream import StreamToDriver
 from .log_filter import worker_logs
-from .loop_trainer import LoopTrainer
-from .model_init import WORKER_TRAINS
+from .loop_trainer import rebuild
 from .rank0_state import final_state
 from .redact import state_without_secrets
 from .spec import RunSpec
@@ -180,32 +180,11 @@ def build_worker_trainer(spec: RunSpec):
     if "train" in spec.dataset_rows:
         ctor["train_dataset"] = RayShard("train", spec.dataset_rows["train"], dist.get_world_size())
     blueprint = dataclasses.replace(blueprint, ctor=ctor)
-    trainer = _build(blueprint)
+    trainer = rebuild(blueprint)
     trainer._in_worker = True
     trainer._ray = RayCheckpoints(spec, args)
     # Ray's report is a barrier right after each save: the checkpoint must be on disk by then
     trainer._checkpoint_writer.background = False
     if dist.get_rank() == 0 and spec.events is not None:
         trainer.add_callback(StreamToDriver(spec.events))
-    return trainer
-
-
-def _build(blueprint):
-    """A Trainer of the user's class, as the driver's stood at the call, without the driver's path: the
-    subclass's __init__ is not run again (its effects are in the copied attributes, and its signature may
-    take arguments a worker does not have); our layer's __init__ (transformers' own, plus ours) is."""
-    cls = blueprint.trainer_cls
-    trainer = cls.__new__(cls)
-    # before __init__ too: an overridden hook that __init__ calls may read the subclass's attributes
-    trainer.__dict__.update(blueprint.user_attrs)
-    # a Trainer built to train (it has a train_dataset; evaluate/predict runs have none) calls model_init
-    # again in train(): __init__'s call builds a meta skeleton on a worker (model_init.py)
-    token = WORKER_TRAINS.set(blueprint.ctor.get("train_dataset") is not None)
-    try:
-        LoopTrainer.__init__(trainer, callbacks=None, **blueprint.ctor)
-    finally:
-        WORKER_TRAINS.reset(token)
-    trainer.__dict__.update(blueprint.user_attrs)
-    # the driver's list exactly (its defaults, report_to integrations, removals), minus display
-    trainer.callback_handler.callbacks = list(blueprint.callbacks)
     return trainer
