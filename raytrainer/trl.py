@@ -102,5 +102,12 @@ class GRPOTrainer(trl.GRPOTrainer, Trainer):  # what on_ray(trl.GRPOTrainer) bui
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
 
+def eval_loss_objective(metrics: dict) -> float:
+    """A sweep's objective for TRL's trainers: the evaluation loss. transformers' default objective sums the
+    metrics other than the loss, which for TRL are eval_entropy, eval_mean_token_accuracy, eval_num_tokens (SFT),
+    eval_rewards/* (DPO), eval_accuracy, eval_margin (reward): no objective."""
+    return metrics["eval_loss"]
+
+
 __all__ = ["SFTTrainer", "SFTConfig", "DPOTrainer", "DPOConfig", "RewardTrainer", "RewardConfig", "GRPOTrainer",
-           "GRPOConfig", "on_ray", "ray_args"]
+           "GRPOConfig", "eval_loss_objective", "on_ray", "ray_args"]
