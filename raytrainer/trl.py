@@ -88,10 +88,11 @@ class GRPOTrainer(trl.GRPOTrainer, Trainer):  # what on_ray(trl.GRPOTrainer) bui
 
     def _seed_this_process(self) -> None:
         """TRL's __init__ ends with `set_seed(seed, device_specific=True)`: each process its own seed (seed + rank),
-        so that the num_generations copies of a prompt, which RepeatSampler puts on different processes, sample
-        different completions. __init__ ran on the driver only; a worker redoes that seeding before it trains (a
-        resumed run then loads its rank's RNG state from the checkpoint, as transformers does). Measured without
-        it: both workers sampled the same completions, so every group's rewards had zero spread and no advantage."""
+        so that copies of a prompt that RepeatSampler puts on different processes (num_generations above
+        per_device_train_batch_size) do not sample duplicate completions. __init__ ran on the driver only; a worker
+        redoes that seeding before it trains (a resumed run then loads its rank's RNG state from the checkpoint, as
+        transformers does). Measured without it: both workers held the same RNG state at every step, and the
+        logged rewards left those of TRL's own 2-process run at step 2."""
         if self._in_worker and not getattr(self, "is_in_train", False):
             from accelerate.utils import set_seed
 

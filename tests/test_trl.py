@@ -271,7 +271,7 @@ def test_grpo_on_two_workers_matches_trl_on_two_processes_and_recovers_a_killed_
     trainer.train()
     assert os.path.exists(marker), "the worker was never killed"
     assert_logged_close(trainer, expected, GRPO_KEYS, rtol=1e-4)
-    # the ranks sampled different completions of a prompt: some groups' rewards spread (a learning signal)
+    # a learning signal: some prompt groups' rewards spread (their advantages are not all zero)
     assert any(e["frac_reward_zero_std"] < 1 for e in trainer.state.log_history if "loss" in e)
     files = set(os.listdir(tmp_path / "run" / "checkpoint-4"))
     assert {"model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= files
