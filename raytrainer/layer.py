@@ -32,9 +32,9 @@ driver path is not re-entered), the user attributes set again, the driver's call
 
 What a subclass author must know: attributes set in __init__ cross by pickling (an unpicklable one is
 named with the fix before Ray starts); work bound to this process or device (a reference model placed for
-the driver's device, an open handle, a generation engine) is not redone on the workers, so redo it lazily
-where the worker runs it (raytrainer.trl.DPOTrainer moves its reference model to the worker's device in
-train()/evaluate()).
+the driver's device, a per-process seed, an open handle, a generation engine) is not redone on the workers,
+so redo it lazily where the worker runs it (raytrainer.trl.DPOTrainer moves its reference model to the
+worker's device in train()/evaluate(); raytrainer.trl.GRPOTrainer redoes TRL's seed + rank there).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ dataset preparation, collators, reference model, metrics and messages, plus the 
 `raytrainer[trl]` (tested range TRL_SUPPORTED).
 
 What holds (tests/test_trl.py, docs/trl.md): SFT, DPO and reward train on Ray workers with TRL's losses
-and metrics, TRL's checkpoint layout, exact resume and worker-failure recovery. GRPO is refused at
-train() with num_workers >= 1 (GRPOTrainer.train says why).
+and metrics, TRL's checkpoint layout, exact resume and worker-failure recovery. GRPO (transformers' generate)
+on Ray workers matches TRL's own run on as many processes: each process samples with its own seed.
 """
 
 from __future__ import annotations
@@ -83,24 +83,36 @@ class DPOTrainer(trl.DPOTrainer, Trainer):  # what on_ray(trl.DPOTrainer) builds
 
 RewardTrainer = _named(on_ray(trl.RewardTrainer), "RewardTrainer")
 
-GRPO_REFUSED = (
-    "GRPOTrainer with num_workers={n} is not supported by raytrainer: GRPO generates completions for "
-    "steps_per_generation steps at once and keeps them in the trainer (_buffered_inputs), with a RepeatSampler "
-    "that repeats each prompt num_generations times across processes; raytrainer's resumable sampler and its "
-    "checkpoints (exact resume, worker recovery) do not carry that buffer or that order yet. Set num_workers=0 "
-    "to run TRL's GRPO loop in this process, or use trl.GRPOTrainer with accelerate launch."
-)
-
-
 class GRPOTrainer(trl.GRPOTrainer, Trainer):  # what on_ray(trl.GRPOTrainer) builds, plus a method
-    """TRL's GRPOTrainer; in this process only (num_workers=0): see GRPO_REFUSED."""
+    __doc__ = trl.GRPOTrainer.__doc__
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        if self.args.num_workers > 0 and not self._in_worker:
-            raise ValueError(GRPO_REFUSED.format(n=self.args.num_workers))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+    def _seed_this_process(self) -> None:
+        """TRL's __init__ ends with `set_seed(seed, device_specific=True)`: each process its own seed (seed + rank),
+        so that copies of a prompt that RepeatSampler puts on different processes (num_generations above
+        per_device_train_batch_size) do not sample duplicate completions. __init__ ran on the driver only; a worker
+        redoes that seeding before it trains (a resumed run then loads its rank's RNG state from the checkpoint, as
+        transformers does). Measured without it: both workers held the same RNG state at every step, and the
+        logged rewards left those of TRL's own 2-process run at step 2."""
+        if self._in_worker and not getattr(self, "is_in_train", False):
+            from accelerate.utils import set_seed
+
+            set_seed(self.args.seed, device_specific=True)
+
+    def train(self, *args, **kwargs):
+        self._seed_this_process()
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        self._seed_this_process()  # evaluate() on the workers generates too; not mid-train (the RNG runs on)
+        return super().evaluate(*args, **kwargs)
+
+
+def eval_loss_objective(metrics: dict) -> float:
+    """A sweep's objective for TRL's trainers: the evaluation loss. transformers' default objective sums the
+    metrics other than the loss, which for TRL are eval_entropy, eval_mean_token_accuracy, eval_num_tokens (SFT),
+    eval_rewards/* (DPO), eval_accuracy, eval_margin (reward): no objective."""
+    return metrics["eval_loss"]
 
 
 __all__ = ["SFTTrainer", "SFTConfig", "DPOTrainer", "DPOConfig", "RewardTrainer", "RewardConfig", "GRPOTrainer",
-           "GRPOConfig", "on_ray", "ray_args"]
+           "GRPOConfig", "eval_loss_objective", "on_ray", "ray_args"]

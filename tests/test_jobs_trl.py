@@ -168,3 +168,52 @@ def test_trl_config_on_two_workers(job, path, tmp_path, ray_cluster):
                         "--output_dir", str(tmp_path)])
     assert summary["global_step"] == 2 and math.isfinite(summary["train_loss"])
     assert os.path.isfile(tmp_path / "model.safetensors")
+
+
+SFT_SWEEP = """trainer: sft
+model:
+  model_name_or_path: tiny_llama
+data:
+  train_file: {chat}
+  eval_file: {chat}
+search:
+  n_trials: 2
+  scheduler: asha
+  hp_space:
+    learning_rate: {{type: loguniform, low: 1.0e-4, high: 3.0e-2}}
+training_args:
+  num_workers: 2
+  resources_per_worker: {{CPU: 0.5}}
+  max_steps: 2
+  eval_strategy: steps
+  eval_steps: 1
+  save_strategy: steps
+  save_steps: 2
+  logging_steps: 1
+  per_device_train_batch_size: 2
+  per_device_eval_batch_size: 16
+  max_length: 64
+  bf16: false
+  gradient_checkpointing: false
+  report_to: []
+"""
+
+
+@pytest.mark.ray
+def test_sft_sweep_from_a_search_section(job, tmp_path, ray_cluster):
+    """`raytrainer sweep` with trainer: sft: 2 ASHA trials of TRL's SFTTrainer, 2 Ray workers each; the objective is
+    the evaluation loss (transformers' default would sum TRL's eval_entropy, eval_mean_token_accuracy and
+    eval_num_tokens)."""
+    import csv
+
+    path = write(tmp_path, SFT_SWEEP.format(chat=os.path.join(CONFIGS, "data", "sft_chat.jsonl")))
+    summary = job.main(["--config", path, "--output_dir", str(tmp_path / "out"),
+                        "--storage_path", str(tmp_path / "store")], command="sweep")
+    with open(tmp_path / "out" / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and len({r["learning_rate"] for r in rows}) == 2, rows
+    with open(os.path.join(summary["best_checkpoint"], "trainer_state.json")) as f:
+        evals = [e for e in json.load(f)["log_history"] if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [1, 2] and "eval_mean_token_accuracy" in evals[-1]  # TRL's eval metrics
+    assert summary["objective"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
+    assert summary["objective"] == pytest.approx(min(float(r["objective"]) for r in rows), rel=1e-6)

@@ -98,3 +98,38 @@ TRL_ARGS = dict(
 
 def trl_logs(trainer, keys) -> list[dict]:
     return [{k: e[k] for k in keys if k in e} for e in trainer.state.log_history if "loss" in e]
+
+
+# GRPO with transformers' generate: 2 completions per prompt, rewarded by their number of words
+GRPO_ARGS = dict(
+    per_device_train_batch_size=4, num_generations=2, max_completion_length=6, max_steps=4, logging_steps=1,
+    learning_rate=1e-2, seed=42, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, bf16=False,
+    gradient_checkpointing=False,
+)
+
+
+def reward_words(completions, **kwargs) -> list[float]:
+    return [float(len(c.split())) for c in completions]
+
+
+def grpo_trainer(trainer_cls, config_cls, out, callbacks=(), **kw):
+    tok = word_tokenizer()
+    args = config_cls(output_dir=str(out), **{**GRPO_ARGS, **kw})
+    prompts = text_dataset(16, seed=4).rename_column("text", "prompt")
+    return trainer_cls(model=tiny_llama(tok), reward_funcs=reward_words, args=args, train_dataset=prompts,
+                       processing_class=tok, callbacks=list(callbacks))
+
+
+def trl_grpo_rank(out: str) -> None:
+    """One rank of TRL's own GRPOTrainer on a 2-process gloo group (as `accelerate launch` runs it), global batch
+    4: writes its log history to out/rank<r>.json (tests.helpers.run_gloo_ranks)."""
+    import json
+    import os
+
+    import torch.distributed as dist
+    import trl
+
+    trainer = grpo_trainer(trl.GRPOTrainer, trl.GRPOConfig, out, per_device_train_batch_size=2)
+    trainer.train()
+    with open(os.path.join(out, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(trainer.state.log_history, f)

@@ -145,6 +145,10 @@ def run_search(job: JobConfig, trainer, out: str) -> dict:
         kwargs["perturbation_interval"] = search.perturbation_interval
     if search.resume:
         kwargs["resume"] = True  # continue the sweep of this name in storage (raytrainer.tune.search)
+    if job.trainer != "trainer":  # TRL's eval metrics (entropy, token accuracy...) are no objective to sum
+        from raytrainer.trl import eval_loss_objective
+
+        kwargs["compute_objective"] = eval_loss_objective
     best = trainer.hyperparameter_search(hp_space=space, n_trials=search.n_trials, direction=search.direction,
                                          backend="ray", **{k: v for k, v in kwargs.items() if v is not None})
     plot = plot_sweep(trainer.sweep_results, os.path.join(out, "sweep_plot.png"), max_steps=args.max_steps,
