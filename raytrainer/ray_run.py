@@ -259,13 +259,9 @@ def storage_location(args) -> tuple[str, str]:
 
 
 def latest_checkpoint_in(fs, run_dir: str) -> str | None:
-    steps = []
-    for name in storage.list_dirs(fs, run_dir):
-        path = f"{run_dir}/{name}"
-        step = checkpoint_step(name)
-        if step is not None and fs.get_file_info(f"{path}/{TRAINER_STATE}").type.name == "File":
-            steps.append((step, path))
-    return max(steps)[1] if steps else None
+    from .checkpoint.resume_pick import latest_in_storage
+
+    return latest_in_storage(fs, run_dir)  # the newest of the run that wrote last
 
 
 def _ensure_ray(**init_kwargs):

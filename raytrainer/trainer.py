@@ -34,7 +34,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from .args import TrainingArguments
 from .args_layer import to_ray_args
-from .checkpoint import CheckpointWriter, Snapshot, latest_checkpoint
+from .checkpoint import CheckpointWriter, Snapshot
+from .checkpoint.resume_pick import latest_in_folder
 from .checkpoint.state_check import check_checkpoint_state
 from .checkpoint.writer import state_to_json, to_cpu
 from .loop import TrainingLoop, world_info
@@ -312,7 +313,7 @@ class Trainer(transformers.Trainer):
         if resume_from_checkpoint is False or resume_from_checkpoint is None:
             return None
         if resume_from_checkpoint is True:
-            found = latest_checkpoint(self.args.output_dir)
+            found = latest_in_folder(self.args.output_dir)  # the newest of the run that wrote last (resume_pick.py)
             if found is None:
                 # transformers' words first: scripts and tests match on them
                 raise ValueError(
