@@ -84,6 +84,8 @@ class PlantInBest(TrainerCallback):
         self.names, self.marker = names, marker
 
     def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:  # on Ray, rank 0's folder in output_dir is what goes to storage
+            return
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         for name in self.names:
             plant(checkpoint, name, self.marker)
@@ -176,3 +178,29 @@ def test_a_multi_worker_pbt_exploit_refuses_a_crafted_donor(genuine, tmp_path, n
         trainer.train(resume_from_checkpoint=resume)
     assert not (tmp_path / "me").exists() or not os.listdir(tmp_path / "me")
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------ the same on 2 Ray workers
+@pytest.mark.ray
+def test_load_best_on_ray_refuses_crafted_weights_and_retention_survives_a_crafted_run_file(ray_cluster, tmp_path):
+    """One 2-worker run (DDP): rank 0 crafts every file of each checkpoint before it goes to storage; at the end
+    load_best_model_at_end fetches the best one from storage and refuses its weights. A foreign checkpoint with a
+    crafted raytrainer_run.pt sits in the run folder: retention reads it weights-only, keeps it, and goes on."""
+    storage = tmp_path / "storage"
+    foreign = storage / "best" / "checkpoint-100"
+    foreign.mkdir(parents=True)
+    (foreign / "trainer_state.json").write_text('{"global_step": 100}')
+    marker = tmp_path / "ran"
+    plant(foreign, "raytrainer_run.pt", marker)
+    args = _args(tmp_path / "out", max_steps=6, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                 save_total_limit=1, num_workers=2, per_device_train_batch_size=2, storage_path=str(storage),
+                 run_name="best")
+    trainer = raytrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(16),
+                                 eval_dataset=lm_examples(4), callbacks=[PlantInBest(list(CRAFTED), marker)])
+    before = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("raytrainer-best-")}
+    with pytest.raises(WEIGHTS_ONLY[0], match=WEIGHTS_ONLY[1]):
+        trainer.train()
+    assert not marker.exists()
+    assert foreign.is_dir()  # another run's checkpoint: never rotated away
+    assert (storage / "best" / "checkpoint-6" / "pytorch_model.bin").is_file()  # the crafted best reached storage
+    assert {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("raytrainer-best-")} <= before
