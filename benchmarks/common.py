@@ -371,7 +371,7 @@ def tmpdir(base: str, name: str) -> str:
 
 
 def ray_available() -> bool:
-    return (REPO / "raytrainer" / "ray_run.py").is_file()
+    return (REPO / "raytrainer" / "launch.py").is_file()
 
 
 def start_ray(num_cpus: int | None = None) -> float:

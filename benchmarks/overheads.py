@@ -9,7 +9,7 @@
 
     python benchmarks/overheads.py            # full run
     python benchmarks/overheads.py --quick    # smoke run, < 2 minutes
-    python benchmarks/overheads.py --ray      # adds the Ray rows (needs raytrainer/ray_run.py)
+    python benchmarks/overheads.py --ray      # adds the Ray rows (needs raytrainer/launch.py)
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def main(argv=None):
             print(f"ray.init: {ray_init_s:.1f}s (cluster start; not counted below)")
             contenders += ["ray1", "ray2"]
         else:
-            print("--ray: raytrainer/ray_run.py does not exist yet; skipping the Ray rows", file=sys.stderr)
+            print("--ray: raytrainer/launch.py does not exist yet; skipping the Ray rows", file=sys.stderr)
 
     res = {}
     if "startup" in parts:

@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
     a = p.parse_args(argv)
-    from raytrainer.ray_run import ensure_ray
+    from raytrainer.launch import ensure_ray
 
     ensure_ray(num_cpus=4)
     work = tempfile.mkdtemp(prefix="raytrainer-startup-")

@@ -81,7 +81,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="steps excluded from the measurement")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every contender (interleaved)")
     p.add_argument("--peak-n", type=int, default=4096, help="matrix size of the matmul peak measurement")
-    p.add_argument("--ray", action="store_true", help="add raytrainer on 1 and 2 Ray workers (needs raytrainer/ray_run.py)")
+    p.add_argument("--ray", action="store_true", help="add raytrainer on 1 and 2 Ray workers (needs raytrainer/launch.py)")
     p.add_argument("--quick", action="store_true", help="smoke run: gpt2 only, 1 rep, 4 steps, small matmul")
     p.add_argument("--json", default=str(Path(__file__).parent / "results" / "throughput.json"))
     p.add_argument("--workdir", default=None, help="scratch folder for output_dirs (default: a temp dir)")
@@ -93,7 +93,7 @@ def main(argv=None):
     contenders = [c for c in cfg.contenders.split(",") if c]
     if cfg.ray:
         if not C.ray_available():
-            print("--ray: raytrainer/ray_run.py does not exist yet; skipping the Ray contenders", file=sys.stderr)
+            print("--ray: raytrainer/launch.py does not exist yet; skipping the Ray contenders", file=sys.stderr)
         else:
             contenders += [c for c in ("ray1", "ray2") if c not in contenders]
     if not C.ray_available() or not cfg.ray:

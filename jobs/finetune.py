@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from raytrainer.quiet import skip_ray_noise  # noqa: E402
+from raytrainer.log_filter import skip_ray_noise  # noqa: E402
 
 skip_ray_noise()  # before ray is imported (raytrainer loads lazily in this script: raytrainer/__init__.py)
 from raytrainer.cli.job import cli, main  # noqa: E402,F401 - main: tests call it in-process

@@ -180,12 +180,12 @@ OTHER_CHECKS: list[AddedCheck] = [
                "default collator cannot pad", REFUSED_TOO, where="data/checks.py"),
     AddedCheck("no checkpoint to resume", "resume", "resume_from_checkpoint=True, no complete checkpoint in "
                "output_dir", "No valid checkpoint found in output directory", REFUSED_TOO,
-               where="trainer.py _resolve_resume"),
+               where="checkpoint/resume.py plan_resume"),
     AddedCheck("checkpoint path missing", "resume", "resume_from_checkpoint names no folder",
-               "Can't find a valid checkpoint at", REFUSED_TOO, where="trainer.py _resolve_resume"),
+               "Can't find a valid checkpoint at", REFUSED_TOO, where="checkpoint/resume.py plan_resume"),
     AddedCheck("data position cannot be placed", "resume", "another global batch and the checkpoint's sample "
                "position is unknown or not placeable here (another dataset size, custom sampler)",
-               "resuming by global_step", WARN_ONLY, where="trainer.py _check_resume_batch"),
+               "resuming by global_step", WARN_ONLY, where="checkpoint/run_meta.py resume_position"),
     AddedCheck("Ray fields", "arguments", "num_workers, max_failures, max_preemption_failures, "
                "resources_per_worker, storage_path, run_name (as a folder), strategy, nonfinite_steps, "
                "evaluate_on, warmup_ratio: values outside their range", "must be", OURS,

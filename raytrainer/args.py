@@ -235,7 +235,7 @@ class TrainingArguments(transformers.TrainingArguments):
             if importlib.util.find_spec("deepspeed") is None:
                 raise ValueError('deepspeed=... needs the deepspeed package: DS_BUILD_OPS=0 pip install '
                                  '--no-build-isolation deepspeed (after torch), or pip install "raytrainer[deepspeed]".')
-            from .strategies.deepspeed import deepspeed_config
+            from .strategies.deepspeed_config import deepspeed_config
 
             # "auto" filled as on the workers; a value contradicting these arguments raises here
             deepspeed_config(self, max(1, self.num_workers))

@@ -2,7 +2,7 @@
 
 `SomeConfig` comes first in the MRO: its fields, defaults and __post_init__ (e.g. SFTConfig's
 learning_rate=2e-5), then raytrainer.TrainingArguments (the Ray fields, validate(), the driver-not-worker
-hardware checks), then transformers'. Apart from layer.py (which imports the Trainer) so that trainer.py can
+hardware checks), then transformers'. Apart from layer.py (which imports the Trainer) so that loop_trainer.py can
 convert a plain config without an import cycle.
 """
 

@@ -5,7 +5,7 @@ driver; rank 0 carries a StreamToDriver callback instead, which posts the events
 (train begin/end, step end, log, evaluate, predict) to a small EventBox actor. A thread on the
 driver drains the box every quarter second and calls the driver's display callbacks, so logs appear
 as plain driver lines, not as worker tqdm escape codes. Rank 0's final callback state travels back
-the same way (crossing.py).
+the same way (rank0_state.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 from transformers import TrainerCallback, TrainerState
 
-from .crossing import is_display_callback
+from .spec import is_display_callback
 
 logger = logging.getLogger("raytrainer")
 STATE_FIELDS = ("global_step", "max_steps", "epoch", "num_train_epochs", "logging_steps", "eval_steps",

@@ -28,7 +28,7 @@ _FLOW = "transformers' `DefaultFlowCallback` (the loop fires every callback even
 _LOG_LEVEL = "transformers' `Trainer()`: log level per process (each Ray worker builds one)"
 _CALLBACKS = "transformers' callbacks: progress bar and reporting integrations"
 _EVAL = "transformers' evaluate/predict (`evaluation_loop`)"
-_BEST = "transformers' best-metric tracking; trainer.py loads the best checkpoint (from Ray storage too)"
+_BEST = "transformers' best-metric tracking; checkpoint/save.py loads the best checkpoint (from Ray storage too)"
 _HUB = "transformers' hub code (`init_hf_repo`, `_push_from_checkpoint`, `push_to_hub`)"
 _DATALOADER = "loop.py: the training DataLoader (evaluation: transformers' own)"
 _COLUMNS = "transformers' column removal and label handling (loop.py calls it)"
@@ -40,7 +40,7 @@ _STORAGE = "Ray `RunConfig(storage_path, storage_filesystem)`; storage.py checks
 
 HONOURED: dict[str, str] = {
     # ---- duration, batch, optimizer, schedule ----
-    "output_dir": "checkpoints and `save_model` (trainer.py); the Ray run folder when storage_path is unset",
+    "output_dir": "checkpoints and `save_model` (checkpoint/save.py); the Ray run folder when storage_path is unset",
     "per_device_train_batch_size": _SAMPLER,
     "num_train_epochs": _LOOP,
     "max_steps": _LOOP,
@@ -60,8 +60,8 @@ HONOURED: dict[str, str] = {
     "max_grad_norm": _LOOP,
     "label_smoothing_factor": "transformers' `compute_loss` (label smoother)",
     # ---- precision, memory, compilation ----
-    "bf16": "trainer.py: autocast in the training process (the driver's device is not checked)",
-    "fp16": "trainer.py: autocast; strategies/: the GradScaler",
+    "bf16": "step_hooks.py: autocast in the training process (the driver's device is not checked)",
+    "fp16": "step_hooks.py: autocast; strategies/: the GradScaler",
     "bf16_full_eval": _EVAL,
     "fp16_full_eval": _EVAL,
     "tf32": "loop.py: transformers' `enable_tf32` in the training process (the driver's GPU is not checked)",
@@ -107,11 +107,11 @@ HONOURED: dict[str, str] = {
     "include_for_metrics": _EVAL,
     "batch_eval_metrics": _EVAL,
     # ---- checkpoints ----
-    "save_only_model": "trainer.py: checkpoints without optimizer, scheduler and RNG state",
+    "save_only_model": "checkpoint/save.py: checkpoints without optimizer, scheduler and RNG state",
     "save_strategy": _FLOW,
     "save_steps": _FLOW,
     "save_on_each_node": "transformers' `should_save`; on Ray every node reads checkpoints from storage_path",
-    "save_total_limit": "checkpoint rotation with transformers' rule (trainer.py; on Ray, rank 0 in storage)",
+    "save_total_limit": "checkpoint rotation with transformers' rule (checkpoint/save.py; on Ray, rank 0 in storage)",
     "push_to_hub": _HUB,
     "hub_token": _HUB,
     "hub_private_repo": _HUB,
@@ -168,7 +168,7 @@ HONOURED: dict[str, str] = {
     "resume_from_checkpoint": _SCRIPT,
     "local_rank": _SCRIPT,
     # ---- older names ----
-    "logging_dir": "trainer.py: the TensorBoard callback's folder (older transformers name)",
+    "logging_dir": "loop_trainer.py: the TensorBoard callback's folder (older transformers name)",
     "warmup_ratio": "args.py: mapped onto warmup_steps (older transformers name)",
     "evaluation_strategy": "args.py: mapped onto eval_strategy (older transformers name)",
     # ---- Ray fields ----

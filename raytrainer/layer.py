@@ -2,10 +2,12 @@
 
 `raytrainer.Trainer` *is* the layer: a subclass of transformers.Trainer that overrides train(), the
 training step's backward, checkpoint saving and evaluate/predict routing, and calls transformers for
-everything else. `on_ray(X)` puts it directly above transformers.Trainer in X's MRO:
+everything else. `on_ray(X)` puts it (with its hook classes, loop_trainer.py) directly above
+transformers.Trainer in X's MRO:
 
     on_ray(trl.SFTTrainer).__mro__ == (SFTTrainer, trl.SFTTrainer, trl._BaseTrainer,
-                                       raytrainer.Trainer, transformers.Trainer, object)
+                                       raytrainer.Trainer, LoopTrainer, HubHooks, StepHooks,
+                                       CheckpointHooks, ModelInitHooks, transformers.Trainer, object)
 
 so X's own overrides (compute_loss, training_step, log, _save_checkpoint ...) stay first and reach ours
 through their `super()` calls, as they reach transformers' today. A user who subclasses
@@ -19,13 +21,13 @@ hardware checks), then transformers'. A plain `C` instance given to a layered Tr
 Where a subclass's __init__ work happens (the design the driver/worker split must keep): **once, on the
 driver.** The user constructs X on the driver; X.__init__ tokenises, packs, builds reference models,
 collators and its callbacks, then calls transformers' __init__ (through ours). At train() the driver's
-Trainer, as it stands, crosses to the workers (crossing.TrainerBlueprint): the constructor attributes
+Trainer, as it stands, crosses to the workers (spec.TrainerBlueprint): the constructor attributes
 (the *prepared* datasets, the collator, the model), the callback list (X's own included) and every
 attribute X set. Each worker builds an X with transformers' __init__ only (our layer's), never X.__init__
 again: no second tokenisation, no second reference model, no second set of callbacks, and X's
 signature may hold arguments the worker does not have. The spec this needs is only the class, the
-constructor attributes and the user attributes; a worker module that builds from a spec keeps it:
-`cls.__new__(cls)`, the user attributes set, `raytrainer.Trainer.__init__(trainer, **ctor)` (the layer's, so the
+constructor attributes and the user attributes (spec.TrainerBlueprint); loop_trainer.rebuild builds from it:
+`cls.__new__(cls)`, the user attributes set, `LoopTrainer.__init__(trainer, **ctor)` (the layer's, so the
 driver path is not re-entered), the user attributes set again, the driver's callback list.
 
 What a subclass author must know: attributes set in __init__ cross by pickling (an unpicklable one is
@@ -61,7 +63,8 @@ def on_ray(trainer_cls: type) -> type:
         "__module__": trainer_cls.__module__, "__qualname__": trainer_cls.__qualname__,
         "__doc__": trainer_cls.__doc__,
     })
-    # transformers.Trainer must stay right after our layer: a subclass's super() calls then pass through it
+    # only our layer's classes between it and transformers.Trainer: a subclass's super() calls pass through it
     mro = layered.__mro__
-    assert mro.index(Trainer) + 1 == mro.index(transformers.Trainer), mro
+    between = mro[mro.index(Trainer):mro.index(transformers.Trainer)]
+    assert all(c.__module__.startswith("raytrainer.") for c in between), mro
     return layered

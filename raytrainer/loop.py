@@ -2,7 +2,8 @@
 
 `TrainingLoop(trainer).run(...)` is what every Ray Train worker runs, and what `Trainer.train()` runs
 in-process with world size 1. It follows transformers' `_inner_training_loop` step for step (same
-callback events, same loss normalisation, same logged values, see events.py) and differs where
+callback events through transformers' own CallbackHandler, same loss normalisation, same logged
+values; the events are below) and differs where
 transformers is slow or inexact:
 
 * data: a sampler whose order is a function of (seed, epoch); resume slices the order, it does not
@@ -13,6 +14,35 @@ transformers is slow or inexact:
 * the strategy object owns the optimizer's creation, wrapping / sharding, backward, no_sync, clipping,
   the optimizer step and sharded checkpoint state (strategies/base.py);
 * checkpoints are snapshotted in memory and written atomically in the background (checkpoint/).
+
+The loop as pseudocode, with each callback event at its place (tests/test_events.py compares a run's
+events with transformers.Trainer's):
+
+    <on_init_end>                              # Trainer.__init__
+    <on_train_begin>
+    [evaluate if eval_on_start]                # <on_evaluate>, <on_log>
+    for epoch in epochs:
+        <on_epoch_begin>
+        for each accumulation window:
+            <on_step_begin>
+            for each micro-batch in the window:
+                training_step()                # forward, loss / num_items, backward (no_sync but last)
+                if not the last micro-batch:
+                    <on_substep_end>
+            clip gradients
+            <on_pre_optimizer_step>
+            optimizer.step()
+            <on_optimizer_step>
+            scheduler.step(); zero_grad(); global_step += 1
+            <on_step_end>
+            if control.should_log:       <on_log>
+            if control.should_evaluate:  <on_evaluate>, <on_log>   # (+ <on_prediction_step> per batch)
+            if control.should_save:      snapshot checkpoint, <on_save>
+        <on_epoch_end>
+        [log / evaluate / save as at a step end]
+    [load best model]
+    <on_log>                                   # train_runtime, train_loss, ...
+    <on_train_end>
 """
 
 from __future__ import annotations
@@ -25,7 +55,6 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 import transformers
 from torch.utils.data import DataLoader
 from transformers.data.data_collator import default_data_collator
@@ -34,22 +63,18 @@ from transformers.trainer_utils import seed_worker
 from transformers.utils import logging as hf_logging
 
 from .checkpoint.pickle_check import check_checkpoint_pickles
+from .checkpoint.run_meta import resume_position
 from .data import ResumableBatchSampler
 from .data.ray_data import RayShard, RayShardLoader
 from .preemption import RayPreemption
 from .strategies import build_strategy
+from .world import world_info
 
 logger = logging.getLogger(__name__)
 # transformers' own logger: the "***** Running training *****" banner reads as it does under transformers.Trainer
 hf_trainer_logger = hf_logging.get_logger("transformers.trainer")
 # train_sampling_strategy values our resumable sampler reproduces (shuffle or not); others are transformers'
 OWN_SAMPLING = {"random": True, None: True, "sequential": False}
-
-
-def world_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def is_map_style(dataset) -> bool:
@@ -60,11 +85,8 @@ def is_map_style(dataset) -> bool:
 def overrides_data_hooks(trainer) -> bool:
     """True when a subclass builds its own training dataloader or sampler (a weighted or curriculum
     sampler...): the loop must then use it, as transformers.Trainer would, instead of our sampler."""
-    from .trainer import Trainer as RayTrainer  # loop.py is imported by trainer.py
-
     for name in ("get_train_dataloader", "_get_train_sampler"):
-        fn = getattr(type(trainer), name)
-        if fn is not getattr(transformers.Trainer, name) and fn is not getattr(RayTrainer, name):
+        if getattr(type(trainer), name) is not getattr(transformers.Trainer, name):  # raytrainer.Trainer keeps them
             return True
     return False
 
@@ -186,7 +208,7 @@ class TrainingLoop:
         (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples,
          total_train_batch_size, steps_in_epoch, max_steps) = t.set_initial_training_values(args, train_dataloader)
         # another global batch: the checkpoint's data position in samples (None: its global_step places it)
-        position = None if resume_from_checkpoint is None else t._check_resume_batch(resume_from_checkpoint, sampler)
+        position = None if resume_from_checkpoint is None else resume_position(t, resume_from_checkpoint, sampler)
         epochs_trained, steps_trained_in_current_epoch = t._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
@@ -290,9 +312,10 @@ class TrainingLoop:
                        "(%s): %d samples are seen twice; %d optimizer steps left",
                        trained, epoch, start, reason, trained - start, steps_left)
 
-    def apply_update(self, strategy, grad_norm) -> bool:
-        """False for a step to skip: its gradient norm (the same on every rank: the gradients are already
-        reduced) is NaN or inf. fp16's loss scaler handles its own overflows, as in transformers."""
+    def should_take_step(self, strategy, grad_norm) -> bool:
+        """Whether the optimizer step goes ahead: False for a step to skip, whose gradient norm (the same on
+        every rank: the gradients are already reduced) is NaN or inf. fp16's loss scaler handles its own
+        overflows, as in transformers."""
         policy = self.args.nonfinite_steps
         if policy == "apply" or strategy.scaler is not None or grad_norm is None or not strategy.can_skip_steps:
             return True
@@ -401,7 +424,7 @@ class TrainingLoop:
                         grad_norm = strategy.grad_norm(model, t.optimizer)
                     t.control = t.callback_handler.on_pre_optimizer_step(args, t.state, t.control)
                     t._checkpoint_writer.wait_copied()  # a background snapshot still reads these weights
-                    if self.apply_update(strategy, grad_norm):
+                    if self.should_take_step(strategy, grad_norm):
                         stepped = strategy.optimizer_step(t.optimizer)
                     else:
                         stepped = False

@@ -6,7 +6,7 @@ the train function in a thread, and `signal.signal` only works in the main threa
 `Trainer.__init__` would raise ValueError there); the worker process's main thread belongs to Ray,
 whose own SIGTERM handler exits the process, so a SIGTERM to one worker is a worker death (charged to
 `max_failures`, resumed from the latest periodic checkpoint). With num_workers >= 1 the Trainer
-therefore hides the field from transformers' `__init__` (trainer.py), on the driver too: no SIGTERM
+therefore hides the field from transformers' `__init__` (loop_trainer.py), on the driver too: no SIGTERM
 handler is installed anywhere. Under Ray a preemption notice is a node drain instead, and Ray 2.60 has
 the machinery for it (ray/train/v2):
 

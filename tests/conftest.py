@@ -63,7 +63,7 @@ def mlflow_server(tmp_path_factory) -> str:
 def ray_cluster():
     import ray
 
-    from raytrainer.ray_run import ensure_ray
+    from raytrainer.launch import ensure_ray
 
     # 4 logical CPUs on 2 cores: 2 training workers plus room for Ray Data's read tasks
     ensure_ray(num_cpus=4)

@@ -95,7 +95,7 @@ class Captured(logging.Handler):
 def transformers_log(monkeypatch):
     handler = Captured()
     logger = logging.getLogger("transformers")
-    # warnings reach the handler whatever an earlier test left: transformers' verbosity, a dedup filter (quiet.py)
+    # warnings reach the handler whatever an earlier test left: transformers' verbosity, a dedup filter (log_filter.py)
     monkeypatch.setattr(logger, "filters", [])
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_warning()

@@ -233,7 +233,7 @@ RAY_PREFIX = re.compile(r"^\((?:[\w.]+ )?pid=\d+(?:, ip=[\d.]+)?\) ")
 def assert_one_clean_stream(logs: str) -> None:
     """issue 11: each warning once (whichever process printed it), no per-rank copies, no Ray noise, and the
     summary is the last thing of substance in the log."""
-    from raytrainer.quiet import warning_key
+    from raytrainer.log_filter import warning_key
 
     lines = [RAY_PREFIX.sub("", line) for line in logs.splitlines()]
     # noise that is gone: Ray Train's PreemptionWatcher E-line, Ray's token notice for a token it found,

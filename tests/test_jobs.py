@@ -27,10 +27,10 @@ def load_job():
 @pytest.fixture(scope="module")
 def job():
     """The job's functions from the modules of raytrainer/cli/ that hold them."""
-    from raytrainer.cli import arguments, config, inputs, job, search_space, summary
+    from raytrainer.cli import arguments, config, data_files, inputs, job, models, search_space, summary
 
     names = {}
-    for module in (arguments, config, inputs, search_space, summary, job):
+    for module in (arguments, config, data_files, models, inputs, search_space, summary, job):
         names.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
     return types.SimpleNamespace(**names)
 
@@ -254,8 +254,8 @@ PIN = ("/x/torch/utils/data/dataloader.py:759: UserWarning: 'pin_memory' argumen
 
 
 def test_worker_warnings_reach_the_log_once():
-    """raytrainer/quiet.py on the driver: a warning any process prints shows once; other lines all show."""
-    from raytrainer.quiet import ShownOnce
+    """raytrainer/log_filter.py on the driver: a warning any process prints shows once; other lines all show."""
+    from raytrainer.log_filter import ShownOnce
 
     shown = ShownOnce()
     rank0 = [RANK0_DDP, PIN, "  super().__init__(loader)", "[transformers] \x1b[1mBert LOAD REPORT\x1b[0m from: m",
@@ -273,7 +273,7 @@ def test_worker_warnings_reach_the_log_once():
     # Ray's own deduplicator drops it, with the pattern the job's entries give it (before ray is imported)
     from ray._private.ray_logging import LogDeduplicator
 
-    from raytrainer import quiet
+    from raytrainer import log_filter as quiet
 
     env = os.environ.copy()
     try:
@@ -299,7 +299,7 @@ def test_driver_warnings_once_with_the_workers(monkeypatch):
 
     from transformers.utils import logging as hf_logging
 
-    from raytrainer import quiet
+    from raytrainer import log_filter as quiet
 
     monkeypatch.setattr(quiet, "shown", quiet.ShownOnce())
     monkeypatch.setattr(quiet, "_original_showwarning", None)
@@ -340,7 +340,7 @@ def test_driver_warnings_once_with_the_workers(monkeypatch):
 def test_worker_keeps_ray_train_checkpoint_lines_of_rank_0_only(monkeypatch):
     import logging
 
-    from raytrainer import quiet
+    from raytrainer import log_filter as quiet
 
     storage = logging.getLogger("ray.train.v2._internal.execution.storage")
     monkeypatch.setattr(storage, "filters", [])

@@ -62,10 +62,10 @@ def test_a_refused_hub_token_is_reported_as_such_not_as_unreachable(tmp_path):
 def test_wait_for_uploads_is_bounded_with_one_clear_line(monkeypatch):
     from types import SimpleNamespace
 
-    from raytrainer.ray_run import WorkerRun
+    from raytrainer.checkpoint.ray_checkpoints import RayCheckpoints
 
     monkeypatch.setenv("RAYTRAINER_STORAGE_RETRY_S", "-299.9")  # bound = retries + 300 s margin = 0.1 s
-    run = WorkerRun.__new__(WorkerRun)
+    run = RayCheckpoints.__new__(RayCheckpoints)
     run.spec = SimpleNamespace(run_dir="bucket/runs/r1")
     run._pending, run._drained = 1, threading.Condition()  # an upload that never returns
     with pytest.raises(TimeoutError, match=r"1 checkpoint upload\(s\) to bucket/runs/r1 not finished after 0.1 s"):

@@ -229,12 +229,12 @@ def test_deepspeed_config_contradicting_arguments_fails_at_construction(tmp_path
 
 
 def test_fsdp_without_a_matching_layer_class_fails_on_the_driver(tmp_path, monkeypatch):
-    import raytrainer.ray_run
+    import raytrainer.launch
 
     def no_ray(*a, **k):
         raise AssertionError("a worker group was started")
 
-    monkeypatch.setattr(raytrainer.ray_run, "run_on_ray", no_ray)
+    monkeypatch.setattr(raytrainer.launch, "run_on_ray", no_ray)
     args = strategy_args(tmp_path, fsdp="full_shard auto_wrap", fsdp_config={"transformer_layer_cls_to_wrap": ["Nope"]})
     assert args.strategy == "fsdp" and args.fsdp_config["reshard_after_forward"] is True
     trainer = raytrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(8))

@@ -113,7 +113,10 @@ def test_the_layer_sits_right_above_transformers_trainer():
     assert raytrainer.on_ray(transformers.Trainer) is raytrainer.Trainer
     assert raytrainer.ray_args(transformers.TrainingArguments) is raytrainer.TrainingArguments
     mro = rtrl.DPOTrainer.__mro__
-    assert mro[1] is trl.DPOTrainer and mro[mro.index(raytrainer.Trainer) + 1] is transformers.Trainer
+    assert mro[1] is trl.DPOTrainer and mro[mro.index(trl.DPOTrainer) + 2] is raytrainer.Trainer  # after TRL's base
+    # between our Trainer and transformers': only the layer's own hook classes (loop_trainer.py)
+    between = mro[mro.index(raytrainer.Trainer):mro.index(transformers.Trainer)]
+    assert all(c.__module__.startswith("raytrainer.") for c in between) and len(between) > 1
     assert issubclass(rtrl.SFTConfig, trl.SFTConfig) and issubclass(rtrl.SFTConfig, raytrainer.TrainingArguments)
     # TRL's defaults stay TRL's; the Ray fields are there; TRL's own checks still run
     config = rtrl.SFTConfig(output_dir="x", bf16=False, num_workers=2)

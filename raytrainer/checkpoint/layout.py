@@ -13,6 +13,7 @@ import re
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 TRAINER_STATE = "trainer_state.json"
+FINAL_MODEL = "final_model"  # a Ray run's final weights and state in its run folder (launch.load_results reads it)
 TMP_PREFIX = "tmp-" + PREFIX_CHECKPOINT_DIR
 _NAME = re.compile(r"^" + PREFIX_CHECKPOINT_DIR + r"-(\d+)$")
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",

@@ -26,6 +26,7 @@ import re
 import zipfile
 
 import torch
+from .layout import checkpoint_step
 
 # the objects DeepSpeed's ZeRO optimizer states pickle besides tensors (fp32 and bf16 runs included)
 _DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -107,8 +108,6 @@ def deepspeed_tag(checkpoint_dir: str, universal: bool = False, fs=None) -> str 
                 f"tag's folder name into {os.path.basename(latest)}, or {_FIX[0].lower() + _FIX[1:]}")
         tag = named
     else:
-        from .layout import checkpoint_step
-
         own = f"global_step{checkpoint_step(root)}" + ("_universal" if universal else "")
         tag = own if own in tags else (tags[0] if len(tags) == 1 else None)
         if tag is None and tags:

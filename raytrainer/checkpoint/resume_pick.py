@@ -23,9 +23,9 @@ import logging
 import os
 
 from .layout import TRAINER_STATE, checkpoint_step, complete_checkpoints
+from .run_meta import RUN_META
 
 logger = logging.getLogger("raytrainer")
-RUN_META = "raytrainer_run.pt"  # trainer.RUN_META: the run ("lineage") that wrote a checkpoint
 
 
 @dataclasses.dataclass(frozen=True)

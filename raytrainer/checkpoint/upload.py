@@ -2,7 +2,7 @@
 
 * Every storage call is retried with exponential backoff (1 s doubling to 10 s) for at most
   ``RAYTRAINER_STORAGE_RETRY_S`` seconds (default 1800); past that an ``OSError`` names the storage path.
-* ``trainer_state.json`` (what a resume requires, `latest_checkpoint_in`) lands last: rank 0 uploads it
+* ``trainer_state.json`` (what a resume requires, `resume.latest_checkpoint_in`) lands last: rank 0 uploads it
   only once its own files and every other rank's are in storage (each rank > 0 leaves a marker file
   when its part is there; rank 0 removes the markers afterwards).
 """

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(grouped_help(command), end="")
         return 0
-    from raytrainer.quiet import skip_ray_noise
+    from raytrainer.log_filter import skip_ray_noise
 
     skip_ray_noise()  # before ray is imported
     from .job import cli

@@ -50,9 +50,9 @@ def run(job: JobConfig, found: dict) -> dict:
 
     needs_ray_data = args.num_workers > 0 and "train_file" in found["files"] and job.trainer == "trainer"
     if args.num_workers > 0 or job.search is not None:
-        from raytrainer.quiet import job_logs
+        from raytrainer.log_filter import job_logs
 
-        job_logs()  # one clean log: each warning once, from whichever process (raytrainer/quiet.py)
+        job_logs()  # one clean log: each warning once, from whichever process (raytrainer/log_filter.py)
     start_ray(job, needs_ray_data, {**tracking_env, **plain_log_env()})
     prepared = prepare(job, found)
     if job.trainer == "trainer":

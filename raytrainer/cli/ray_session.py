@@ -15,7 +15,7 @@ def start_ray(job: JobConfig, prepared_needs_ray: bool, tracking_env: dict) -> N
     args = job.training_args
     if args.num_workers == 0 and job.search is None and not prepared_needs_ray:
         return
-    from raytrainer.ray_run import ensure_ray
+    from raytrainer.launch import ensure_ray
 
     os.environ.update(tracking_env)  # a local Ray's workers inherit this process's environment
     kwargs = {}
@@ -41,9 +41,9 @@ def start_ray(job: JobConfig, prepared_needs_ray: bool, tracking_env: dict) -> N
 
             DataContext.get_current().use_ray_tqdm = False
     ensure_ray(**kwargs)
-    from raytrainer.quiet import filter_worker_lines
+    from raytrainer.log_filter import filter_worker_lines
 
-    filter_worker_lines()  # each warning once, whichever worker printed it (raytrainer/quiet.py)
+    filter_worker_lines()  # each warning once, whichever worker printed it (raytrainer/log_filter.py)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

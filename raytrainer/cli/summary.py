@@ -99,7 +99,8 @@ def in_storage(args, best_checkpoint: str | None) -> dict:
     (the summary's "final model" is this machine's copy). Empty for a local storage_path or no Ray run."""
     if args.num_workers < 1 or not args.storage_path or "://" not in args.storage_path:
         return {}
-    from raytrainer.ray_run import FINAL_MODEL, storage_location
+    from raytrainer.checkpoint.layout import FINAL_MODEL
+    from raytrainer.launch import storage_location
 
     base, name = storage_location(args)
     scheme = base.split("://", 1)[0]
@@ -111,7 +112,7 @@ def in_storage(args, best_checkpoint: str | None) -> dict:
 
 
 def print_summary(summary: dict, rows) -> None:
-    from raytrainer.quiet import flush_worker_lines
+    from raytrainer.log_filter import flush_worker_lines
 
     flush_worker_lines()  # what Ray still holds of the workers' lines goes before the summary, not after
     summary.update({k: v for k, v in ray_where().items() if v})

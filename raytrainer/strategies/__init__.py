@@ -67,7 +67,7 @@ def check_strategy(args, model=None) -> None:
 
         check_wrap_policy(model, args.fsdp_config)
     elif args.strategy == "deepspeed":
-        from .deepspeed import deepspeed_config
+        from .deepspeed_config import deepspeed_config
 
         deepspeed_config(args, max(1, args.num_workers))
 
@@ -78,7 +78,7 @@ def check_resume(args, checkpoint: str | None, fs=None) -> None:
     `checkpoint` is a path inside the pyarrow filesystem `fs`, or a local path when fs is None."""
     if checkpoint is None or args.strategy != "deepspeed":
         return
-    from .deepspeed import check_checkpoint_world_size
+    from .deepspeed_config import check_checkpoint_world_size
 
     check_checkpoint_world_size(args, checkpoint, max(1, args.num_workers), fs)
 

@@ -10,13 +10,14 @@ Every hook has the single-process / DDP behaviour as its default; FSDP (fsdp.py)
 * `backward`, `no_sync`, `clip_grad_norm`, `grad_norm`, `optimizer_step`, `step_scheduler`,
   `zero_grad`: one optimizer step.
 * `sharded`: True when weights or optimizer state are split over ranks. Then `full_state_dict`,
-  `save_sharded` and `load_sharded` are collectives every rank must join (trainer.py calls them on
+  `save_sharded` and `load_sharded` are collectives every rank must join (checkpoint/save.py calls them on
   every rank, in the foreground, into the temporary folder the checkpoint writer completes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -123,3 +124,21 @@ class Strategy:
 def is_lomo(optimizer) -> bool:
     """LOMO / AdaLomo update parameters during backward; accelerate gives them the same special case."""
     return type(optimizer).__name__ in ("Lomo", "AdaLomo") and hasattr(optimizer, "fused_backward")
+
+
+def load_scheduler(trainer, folder: str) -> None:
+    """transformers' scheduler.pt (weights only), for the strategies whose engine does not own the scheduler."""
+    from transformers.trainer import SCHEDULER_NAME
+
+    path = os.path.join(folder, SCHEDULER_NAME)
+    if os.path.isfile(path) and trainer.lr_scheduler is not None:
+        trainer.lr_scheduler.load_state_dict(torch.load(path, weights_only=True))
+
+
+def is_peft_model(model) -> bool:
+    """A PEFT model saves (and checkpoints) its adapters only."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)

@@ -1,7 +1,7 @@
 """How a Ray worker builds model_init's model under a sharded strategy: only its shard.
 
 transformers calls model_init twice in a training run (in `Trainer.__init__` and again in `train()`).
-On a worker that trains, the first is a meta-device skeleton (trainer.py `call_model_init`), and the
+On a worker that trains, the first is a meta-device skeleton (model_init.py `call_model_init`), and the
 second is the one real build, done here when the strategy shards the weights:
 
 * fsdp, a model_init that calls `from_pretrained(folder)` of safetensors files: every rank builds the same meta
@@ -40,6 +40,8 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
+from .deepspeed_config import deepspeed_config, zero_stage
+from .pretrained import meta_build, sharded_source
 
 logger = logging.getLogger("raytrainer")
 
@@ -65,8 +67,6 @@ def sharded_kind(args) -> str | None:
     if args.strategy == "fsdp":
         return "fsdp"
     if args.strategy == "deepspeed":
-        from .deepspeed import zero_stage
-
         return "zero3" if zero_stage(args) == 3 else None
     return None
 
@@ -89,8 +89,6 @@ def build_sharded(trainer, build, kind: str):
 def build_fsdp(trainer, build):
     """The meta skeleton every rank shards; its weights come from the files slice by slice (a from_pretrained
     model_init that allows it), else from rank 0's real build."""
-    from .pretrained import meta_build, sharded_source
-
     rank = dist.get_rank()
     start = rng_state()  # right after transformers' set_seed
     model, calls = meta_build(build)
@@ -132,8 +130,6 @@ def load_full_weights_fsdp(model, folder: str) -> None:
 def zero3_config(args) -> dict:
     """The run's DeepSpeed config for zero.Init: values left "auto" (filled from the model at
     deepspeed.initialize) are dropped; zero.Init reads the stage, parameter offload and dtype."""
-    from .deepspeed import deepspeed_config
-
     def no_auto(value):
         if isinstance(value, dict):
             return {k: no_auto(v) for k, v in value.items() if v != "auto"}

@@ -37,8 +37,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from .base import Strategy
-from .build import is_skeleton
+from ..checkpoint.pickle_check import safe_dcp_load
+from .base import Strategy, load_scheduler
+from .build import fill_fsdp, is_skeleton, load_full_weights_fsdp
+from .pretrained import load_fsdp_shards
 
 MODEL_DIR = "model_dcp"
 OPTIMIZER_DIR = "optim_dcp"
@@ -100,13 +102,9 @@ class FSDPStrategy(Strategy):
         if build is not None and build.kind == "fsdp" and is_skeleton(model):
             # model_init's model, built as a meta skeleton (strategies/build.py): allocate this rank's
             # shards only, read slice by slice from the pretrained files, or filled from rank 0's reference build
-            from .build import fill_fsdp
-
             offload = _true(self.config.get("cpu_offload")) or _true(self.config.get("offload_params"))
             device = torch.device("cpu") if offload else self.device
             if build.source is not None:
-                from .pretrained import load_fsdp_shards
-
                 build.loaded = load_fsdp_shards(model, build.source, device)
             else:
                 fill_fsdp(model, build.reference, device)
@@ -173,15 +171,11 @@ class FSDPStrategy(Strategy):
     def load_checkpoint(self, trainer, folder):
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        from ..checkpoint.pickle_check import safe_dcp_load
-
         model, optimizer = trainer.model_wrapped, trainer.optimizer
         if not os.path.isdir(os.path.join(folder, OPTIMIZER_DIR)):
             # a checkpoint without sharded state (DDP's, transformers'): transformers' train() loaded the
             # weights, unless the model was built shard by shard (then they are loaded into the shards here)
             if getattr(trainer, "_sharded_build", None) is not None:
-                from .build import load_full_weights_fsdp
-
                 load_full_weights_fsdp(model, folder)
             return Strategy.load_checkpoint(self, trainer, folder)
         options = _options(model)
@@ -191,11 +185,9 @@ class FSDPStrategy(Strategy):
         safe_dcp_load({"model": model_state}, os.path.join(folder, MODEL_DIR))
         safe_dcp_load({"optimizer": optim_state}, os.path.join(folder, OPTIMIZER_DIR))
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
-        _load_scheduler(trainer, folder)
+        load_scheduler(trainer, folder)
 
     def load_best_weights(self, trainer, folder):
-        from .build import load_full_weights_fsdp
-
         load_full_weights_fsdp(trainer.model_wrapped, folder)  # rank 0 reads, the shards are filled from it
 
 
@@ -205,14 +197,6 @@ def _options(model):
 
     frozen = any(not p.requires_grad for p in model.parameters())
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
-
-
-def _load_scheduler(trainer, folder: str) -> None:
-    from transformers.trainer import SCHEDULER_NAME
-
-    path = os.path.join(folder, SCHEDULER_NAME)
-    if os.path.isfile(path) and trainer.lr_scheduler is not None:
-        trainer.lr_scheduler.load_state_dict(torch.load(path, weights_only=True))
 
 
 def _full(norm):

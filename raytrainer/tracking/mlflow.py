@@ -117,7 +117,7 @@ class MLflowCallback(_HFMLflowCallback):
     Everything else (run start/reattach, metrics at each on_log, end of run, checkpoint artifacts
     with HF_MLFLOW_LOG_ARTIFACTS) is transformers' own code, with one guard: only the process that
     started a run ends it. transformers' callback ends "its" run in on_train_end and in __del__; a
-    copy of rank 0's callback state poured into the driver's callback after a Ray run (crossing.py)
+    copy of rank 0's callback state poured into the driver's callback after a Ray run (rank0_state.py)
     would otherwise end the run the *driver* holds active (`with mlflow.start_run():`) when that
     object is collected.
     """

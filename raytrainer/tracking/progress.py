@@ -17,6 +17,7 @@ import sys
 import time
 
 from transformers.trainer_callback import ProgressCallback
+from ..redact import redact_text
 
 PREFIX = "[progress]"
 
@@ -41,8 +42,6 @@ class ProgressLines(ProgressCallback):
         self.current_step = 0
 
     def _print(self, text: str) -> None:
-        from ..redact import redact_text
-
         print(redact_text(text), file=self.stream or sys.stdout, flush=True)
 
     def _batch(self, args) -> int:

@@ -19,7 +19,11 @@ import os
 import warnings
 
 from ..args import check_folder_name
-from ..crossing import TrainerBlueprint
+from ..checkpoint.layout import latest_checkpoint, TRAINER_STATE
+from ..checkpoint.state_check import checkpoint_in_run
+from ..redact import redact
+from ..spec import TrainerBlueprint
+from .completion import all_recorded
 from .dashboard import check_dashboard_for_stopping_scheduler
 from .objective import best_run, direction_to_mode
 from .schedulers import build_scheduler, is_pbt
@@ -37,7 +41,7 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
                           backend=None, hp_name=None, **kwargs):
     from ray import tune
 
-    from ..ray_run import check_picklable, ensure_ray
+    from ..launch import check_picklable, ensure_ray
 
     args = trainer.args
     if backend not in (None, "ray", "optuna") and str(getattr(backend, "value", backend)) not in ("ray", "optuna"):
@@ -113,8 +117,6 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
         trainer.sweep_results = results  # the trials table: results.get_dataframe()
         rows = []
         scope = os.environ.get("RAY_SCOPE", "last")  # transformers' knob: which reports rank the trials
-        from .completion import all_recorded
-
         done = all_recorded(storage_path, args.storage_filesystem, name)  # trials' own completion records
         for result in results:
             record = _recorded_metrics(result, done)
@@ -210,8 +212,6 @@ def TrialLines(max_steps):  # noqa: N802 - a factory: ray.tune is imported only 
 
 
 def _short(config: dict) -> str:
-    from ..redact import redact
-
     config = redact(dict(config))  # a searched field may be a secret-named one
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
@@ -222,9 +222,6 @@ def best_checkpoint_of(run_dir: str | None) -> str | None:
     The file is read from storage like any checkpoint's (checkpoint/state_check.py): a best_model_checkpoint that
     is not a checkpoint-<step> folder directly inside the trial's run folder is never handed to the user."""
     import json
-
-    from ..checkpoint.layout import TRAINER_STATE, latest_checkpoint
-    from ..checkpoint.state_check import checkpoint_in_run
 
     latest = latest_checkpoint(run_dir) if run_dir else None
     if latest is None:

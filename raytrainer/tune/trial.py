@@ -19,6 +19,8 @@ import threading
 from transformers import TrainerCallback
 
 from ..args import check_folder_name
+from ..loop_trainer import rebuild
+from .completion import config_key, record_done, recorded
 from .objective import default_objective
 from .validate import split_params
 
@@ -73,8 +75,6 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
                restored):
     from ray import tune
 
-    from .completion import config_key, record_done, recorded
-
     overrides, _ = split_params(config, blueprint.ctor["args"])
     base_args = blueprint.ctor["args"]
     if recorded(storage_path, base_args.storage_filesystem, sweep, trial_name, context.get_trial_id(),
@@ -91,7 +91,7 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
             placement.update(storage_path=os.path.join(storage_path, sweep), run_name=trial_name)
     args = dataclasses.replace(base_args, **overrides, **placement)
     bp = dataclasses.replace(blueprint, ctor=dict(blueprint.ctor, args=args))
-    trainer = bp.build()
+    trainer = rebuild(bp)
     objective = compute_objective or default_objective
 
     last: dict = {}  # the last metrics sent to Tune, and whether the completion is on record

@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import raytrainer
 from raytrainer.checkpoint.resume_pick import Candidate, latest_in_folder, latest_in_storage, pick
-from raytrainer.ray_run import latest_checkpoint_in
+from raytrainer.checkpoint.resume import latest_checkpoint_in
 
 try:
     from tests.helpers import lm_examples, tiny_gpt2
@@ -80,7 +80,7 @@ def test_both_paths_pick_the_same_checkpoint(genuine, tmp_path):
     _run_folder(genuine, run_dir, MIXED)
     assert get_last_checkpoint(run_dir).endswith("checkpoint-8")  # what transformers would resume
     expected = os.path.join(run_dir, "checkpoint-4")
-    assert latest_in_folder(run_dir) == expected  # in-process: Trainer._resolve_resume
+    assert latest_in_folder(run_dir) == expected  # in-process: checkpoint/resume.plan_resume
     assert latest_in_storage(pafs.LocalFileSystem(), run_dir) == expected
     assert latest_checkpoint_in(pafs.LocalFileSystem(), run_dir) == expected  # the Ray driver's
     bucket_like = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # paths as in a bucket

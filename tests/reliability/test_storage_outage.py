@@ -19,7 +19,7 @@ import torch
 
 import raytrainer
 from raytrainer.checkpoint.upload import upload_checkpoint
-from raytrainer.ray_run import latest_checkpoint_in
+from raytrainer.checkpoint.resume import latest_checkpoint_in
 
 try:
     from tests.helpers import lm_examples, tiny_gpt2

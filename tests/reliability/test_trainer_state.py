@@ -107,11 +107,11 @@ def test_bucket_paths_stay_in_their_run_folder():
 def _worker_run(run_dir, save_total_limit=1):
     from types import SimpleNamespace
 
-    from raytrainer.ray_run import WorkerRun
+    from raytrainer.checkpoint.ray_checkpoints import RayCheckpoints
 
     spec = SimpleNamespace(storage_filesystem=pafs.LocalFileSystem(), run_dir=str(run_dir), fit_id="fit")
     args = SimpleNamespace(output_dir=str(run_dir.parent / "out"), save_total_limit=save_total_limit)
-    return WorkerRun(spec, args)
+    return RayCheckpoints(spec, args)
 
 
 def test_a_best_checkpoint_outside_the_run_deletes_nothing_and_is_not_loaded(tmp_path, caplog):
@@ -145,11 +145,11 @@ def test_a_downloaded_checkpoint_is_checked_against_its_run_folder_in_storage(ch
     from types import SimpleNamespace
 
     from raytrainer.checkpoint.state_check import check_checkpoint_state
-    from raytrainer.ray_run import WorkerRun
+    from raytrainer.checkpoint.ray_checkpoints import RayCheckpoints
 
     s3 = pafs.S3FileSystem(anonymous=True, region="us-east-1")  # never contacted: only its kind matters
     spec = SimpleNamespace(storage_filesystem=s3, run_dir="bucket/runs/a", fit_id="fit")
-    worker = WorkerRun(spec, SimpleNamespace(output_dir=str(tmp_path / "out"), save_total_limit=None))
+    worker = RayCheckpoints(spec, SimpleNamespace(output_dir=str(tmp_path / "out"), save_total_limit=None))
     try:
         downloaded = os.path.join(worker.temp_dir("resume", "bucket/runs/a/checkpoint-4"), "checkpoint-4")
         restored = worker.temp_dir("restore", "bucket/runs/a/checkpoint-4")  # Ray's to_directory: the folder itself

@@ -1,92 +1,26 @@
-"""How the driver's Trainer crosses to the Ray workers, and how rank 0's state comes back.
+"""Rank 0's observable state after a Ray run, poured back into the driver's own objects.
 
-Out (driver -> workers): a `TrainerBlueprint` is taken when `train()` / `evaluate()` / `predict()`
-is called, from the Trainer *as it stands then*: its current datasets, collator, compute_metrics,
-model_init, arguments, its current callback list (add/remove/pop_callback included) and every
-attribute a subclass or the user set on it. Each worker builds a Trainer of the same class from it
-(transformers' own __init__, with the subclass's __init__ skipped: its effects are in the copied
-attributes, and its signature may take arguments we do not have).
-
-Back (rank 0 -> driver): callbacks run on every rank, as under torchrun (TrainerControl works, and
-rank-gated callbacks such as MLflow's act once). At the end rank 0 pickles its callbacks, its
-compute_metrics and the user attributes; the driver pours that state *into its own objects* (same
-objects, updated in place), so a recorder callback or a compute_metrics closure that appends to a
-list holds what it would hold after transformers' train().
+Callbacks run on every rank, as under torchrun (TrainerControl works, and rank-gated callbacks such as
+MLflow's act once). At the end rank 0 pickles its callbacks, its compute_metrics and the user attributes
+(`final_state`); the driver pours that state *into its own objects* (`apply_final_state`: same objects,
+updated in place), so a recorder callback or a compute_metrics closure that appends to a list holds what it
+would hold after transformers' train(). `restore_callback_states` is the driver's side of
+restore_callback_states_from_checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import types
 from typing import Any
 
 import transformers
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from .spec import is_display_callback, user_attributes
 
 logger = logging.getLogger("raytrainer")
 
-# Constructor arguments that are plain attributes of a built Trainer (users reassign them).
-CTOR_ATTRS = ("model", "args", "data_collator", "train_dataset", "eval_dataset", "processing_class", "model_init",
-              "compute_loss_func", "compute_metrics", "preprocess_logits_for_metrics", "optimizer_cls_and_kwargs")
 
-
-def is_display_callback(cb) -> bool:
-    """Progress bars and printers: they run on the driver, fed by the workers' event stream."""
-    try:
-        from transformers.utils.notebook import NotebookProgressCallback
-    except ImportError:  # pragma: no cover
-        NotebookProgressCallback = ProgressCallback
-    return isinstance(cb, (ProgressCallback, PrinterCallback, NotebookProgressCallback))
-
-
-@dataclasses.dataclass
-class TrainerBlueprint:
-    trainer_cls: type
-    ctor: dict            # the CTOR_ATTRS values as they are now
-    callbacks: list       # the current callbacks, display callbacks left out
-    user_attrs: dict      # attributes not set by Trainer.__init__ (a subclass's own, or set by the user)
-
-    @classmethod
-    def of(cls, trainer, **overrides) -> "TrainerBlueprint":
-        ctor = {name: getattr(trainer, name, None) for name in CTOR_ATTRS}
-        ctor.update(overrides)
-        callbacks = [cb for cb in trainer.callback_handler.callbacks if not is_display_callback(cb)]
-        return cls(type(trainer), ctor, callbacks, user_attributes(trainer))
-
-    def build(self):
-        """On a worker: a Trainer of the user's class, as the driver's stood at the call."""
-        from .trainer import WORKER_TRAINS, Trainer
-
-        trainer = self.trainer_cls.__new__(self.trainer_cls)
-        # before __init__ too: an overridden hook that __init__ calls may read the subclass's attributes
-        trainer.__dict__.update(self.user_attrs)
-        # a Trainer built to train (it has a train_dataset; evaluate/predict runs have none) calls model_init
-        # again in train(): __init__'s call builds a meta skeleton on a worker (Trainer.call_model_init)
-        token = WORKER_TRAINS.set(self.ctor.get("train_dataset") is not None)
-        try:
-            Trainer.__init__(trainer, callbacks=None, **self.ctor)
-        finally:
-            WORKER_TRAINS.reset(token)
-        trainer.__dict__.update(self.user_attrs)
-        # the driver's list exactly (its defaults, report_to integrations, removals), minus display
-        trainer.callback_handler.callbacks = list(self.callbacks)
-        return trainer
-
-    def named_values(self) -> dict:
-        """Everything that must pickle, by the name a user knows it under (for error messages)."""
-        out = {k: v for k, v in self.ctor.items() if v is not None}
-        out.update({f"callbacks[{i}] ({type(cb).__name__})": cb for i, cb in enumerate(self.callbacks)})
-        out.update({f"trainer.{k}": v for k, v in self.user_attrs.items()})
-        return out
-
-
-def user_attributes(trainer) -> dict:
-    base = getattr(trainer, "_rt_base_attrs", set())
-    return {k: v for k, v in trainer.__dict__.items() if k not in base and k not in CTOR_ATTRS}
-
-
-# ---------------------------------------------------------------------------------- back to the driver
 def final_state(trainer) -> dict:
     """Rank 0's observable state after a run, as picklable as we can make it."""
     import ray.cloudpickle as cloudpickle
