@@ -3,7 +3,8 @@
 `redact(value, name=None)` is the function every output goes through:
 * a value whose field name holds a secret word (token, secret, password, key, credential, auth...,
   matched on any word of the name: `access_token_env`, `api_token_value`, `AWSAccessKeyId`) becomes
-  "<redacted>" unless it is a number or a bool (`pad_token_id` = 0 is no secret);
+  "<redacted>" unless it is a number or a bool (`pad_token_id` = 0 is no secret); a name that only names
+  or selects keys (`metric_key_prefix`, `label_key`, `key_name`) or a tokenizer's token (`pad_token`) is no secret;
 * a string loses, in every URI of any scheme it contains (s3, postgresql, mysql, http...), the
   userinfo (`user:pass@`) and the values of secret-looking query parameters (`?secret_key=`,
   `X-Amz-Signature=`); `name=value` pairs with a secret name lose their value; the values of secret
@@ -46,9 +47,31 @@ def _words(name: str) -> list[str]:
     return [w for w in re.split(r"[_.\-\s]+", name.lower()) if w]
 
 
+# A secret word that names or selects secrets' *names*, not a secret: `metric_key_prefix`, `key_name`,
+# `token_type_ids` (the next word says so); `label_key`, `sort_key` (a key of a dict or a table);
+# `pad_token`, `eos_token` (a tokenizer's special tokens, e.g. TRL's SFTConfig fields).
+_NAMES_A_NAME = frozenset({"prefix", "suffix", "name", "names", "field", "fields", "column", "columns", "type",
+                           "types", "index", "format"})
+_SELECTS_A_KEY = frozenset({"metric", "metrics", "ignore", "sort", "dict", "label", "labels", "text", "input", "output",
+                            "primary", "partition", "hash", "group", "lookup", "cache", "column", "feature", "prompt",
+                            "completion", "chosen", "rejected", "image", "messages", "dataset", "data", "monitor"})
+_SPECIAL_TOKENS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "eot"})
+
+
 def is_secret_name(name: str) -> bool:
-    """True when any word of the name is a secret word (token, secret, password, key, credential, auth...)."""
-    return any(w in SECRET_WORDS for w in _words(name))
+    """True when a word of the name is a secret word (token, secret, password, key, credential, auth...), unless
+    the words around it make it the name of a key or a tokenizer's token (metric_key_prefix, label_key, pad_token)."""
+    words = _words(name)
+    for i, word in enumerate(words):
+        if word not in SECRET_WORDS:
+            continue
+        before = words[i - 1] if i > 0 else None
+        after = words[i + 1] if i + 1 < len(words) else None
+        if after in _NAMES_A_NAME or (word == "key" and before in _SELECTS_A_KEY) or \
+                (word == "token" and before in _SPECIAL_TOKENS):
+            continue
+        return True
+    return False
 
 
 def _env_secrets() -> list[str]:

@@ -48,3 +48,20 @@ def test_raytrainer_log_records_are_redacted(caplog):
     with caplog.at_level(logging.INFO, logger="raytrainer"):
         logging.getLogger("raytrainer").info("uri %s", "postgresql://u:log-secret-10@h/db")
     assert "log-secret-10" not in caplog.text and "postgresql://h/db" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["metric_key_prefix", "ignore_keys", "ignore_keys_for_eval", "sort_keys", "key_name",
+                                  "label_key", "dataset_text_field", "pad_token", "eos_token", "token_type_ids"])
+def test_names_that_only_name_keys_or_tokens_survive(name):
+    """Over-redaction hid evaluate()'s `metric_key_prefix=eval` ("key" is a secret word): names of keys are no secret."""
+    assert redact({name: "eval_x"}) == {name: "eval_x"}
+    assert redact_text(f"evaluate({name}=eval_x) failed") == f"evaluate({name}=eval_x) failed"
+
+
+@pytest.mark.parametrize("name", ["access_key", "secret_key", "api_key", "private_key", "key", "aws_secret_access_key",
+                                  "hub_token", "auth_token", "access_token_env", "password", "db_password",
+                                  "AWSAccessKeyId", "X-Amz-Signature", "secret_key_prefix"])
+def test_real_secrets_stay_masked(name):
+    assert redact({name: "s3cr3t-value"}) == {name: REDACTED}
+    assert redact_text(f"connect {name}=s3cr3t-value now") == f"connect {name}={REDACTED} now"
+    assert redact_text(f"s3://b/p?{name}=s3cr3t-value") == f"s3://b/p?{name}={REDACTED}"

@@ -147,6 +147,13 @@ def digest(model) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
+def _trial_temp_folders() -> set:
+    import glob
+    import tempfile
+
+    return {p for kind in ("pointer", "exploit") for p in glob.glob(f"{tempfile.gettempdir()}/raytrainer-{kind}-*")}
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pbt_exploit_copies_the_donor_state_and_keeps_the_mutated_lr(ray_cluster, tmp_path, workers):
     """In-process trials and 2-worker trials (0.5 CPU a worker: both trials fit the 4-CPU cluster at once)."""
@@ -162,8 +169,10 @@ def test_pbt_exploit_copies_the_donor_state_and_keeps_the_mutated_lr(ray_cluster
         dict(time_attr="training_iteration", perturbation_interval=1)
     pbt = PopulationBasedTraining(metric="objective", mode="min", quantile_fraction=0.5, resample_probability=1.0,
                                   synch=True, hyperparam_mutations={"learning_rate": mutated}, **interval)
+    before = _trial_temp_folders()
     trainer.hyperparameter_search(hp_space={"learning_rate": tune.grid_search([1e-2, 1e-7])}, n_trials=1,
                                   scheduler=pbt, name="pbt")
+    assert _trial_temp_folders() <= before  # the trials' pointer folders and exploit copies are gone (issue 19)
     runs = {d: [json.loads(line) for line in open(tmp_path / "pbt" / d / "record.jsonl")]
             for d in os.listdir(tmp_path / "pbt") if (tmp_path / "pbt" / d / "record.jsonl").exists()}
     assert len(runs) == 2

@@ -199,7 +199,7 @@ class RayCheckpoints:
         if path not in self._lineage_of:
             try:
                 meta = load_run_meta(path, self.spec.storage_filesystem)
-            except (OSError, ValueError, RuntimeError):  # partial or foreign: not ours to delete
+            except Exception:  # noqa: BLE001 - partial, foreign or crafted (weights-only refused): not ours to delete
                 return None
             if meta is None:
                 return None

@@ -23,7 +23,8 @@ import posixpath
 
 from ..spec import ResumePlan
 from ..strategies import check_resume
-from .layout import checkpoint_step, latest_checkpoint, TRAINER_STATE
+from .layout import TRAINER_STATE
+from .resume_pick import latest_in_folder, latest_in_storage
 from .run_meta import load_run_meta, other_order
 from .state_check import check_trainer_state_text
 
@@ -39,7 +40,7 @@ def plan_resume(args, resume_from_checkpoint, *, fs=None, run_dir=None, run_labe
     in_storage = False
     if resume is True:
         if fs is None:
-            resume = latest_checkpoint(args.output_dir)
+            resume = latest_in_folder(args.output_dir)  # the newest of the run that wrote last (resume_pick.py)
             where = args.output_dir
         else:
             resume, in_storage, where = latest_checkpoint_in(fs, run_dir), True, run_label
@@ -96,16 +97,8 @@ def check_download(plan: ResumePlan, local: str) -> None:
 
 
 def latest_checkpoint_in(fs, run_dir: str) -> str | None:
-    """The newest complete checkpoint-<step> folder of a run folder in a storage filesystem."""
-    from .. import storage
-
-    steps = []
-    for name in storage.list_dirs(fs, run_dir):
-        path = f"{run_dir}/{name}"
-        step = checkpoint_step(name)
-        if step is not None and fs.get_file_info(f"{path}/{TRAINER_STATE}").type.name == "File":
-            steps.append((step, path))
-    return max(steps)[1] if steps else None
+    """The newest complete checkpoint-<step> folder of the run that wrote last, in a storage filesystem."""
+    return latest_in_storage(fs, run_dir)
 
 
 def check_stream_resume(checkpoint: str, meta: dict | None, num_workers: int) -> None:

@@ -20,6 +20,7 @@ import warnings
 
 from ..args import check_folder_name
 from ..checkpoint.layout import latest_checkpoint, TRAINER_STATE
+from ..checkpoint.state_check import checkpoint_in_run
 from ..redact import redact
 from ..spec import TrainerBlueprint
 from .completion import all_recorded
@@ -216,14 +217,26 @@ def _short(config: dict) -> str:
 
 
 def best_checkpoint_of(run_dir: str | None) -> str | None:
-    """The trial's best checkpoint as its last trainer_state.json names it, else its latest checkpoint."""
+    """The trial's best checkpoint as its last trainer_state.json names it, else its latest checkpoint.
+
+    The file is read from storage like any checkpoint's (checkpoint/state_check.py): a best_model_checkpoint that
+    is not a checkpoint-<step> folder directly inside the trial's run folder is never handed to the user."""
     import json
 
     latest = latest_checkpoint(run_dir) if run_dir else None
     if latest is None:
         return None
-    with open(os.path.join(latest, TRAINER_STATE)) as f:
-        best = json.load(f).get("best_model_checkpoint")
+    try:
+        with open(os.path.join(latest, TRAINER_STATE), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        state = None
+    best = state.get("best_model_checkpoint") if isinstance(state, dict) else None
+    if best is not None and not checkpoint_in_run(best, run_dir):
+        logger.warning("raytrainer: %s names best_model_checkpoint=%r, which is not a checkpoint-<step> folder "
+                       "directly inside the trial's run folder %s: BestRun.run_summary is its latest checkpoint instead",
+                       os.path.join(latest, TRAINER_STATE), best, run_dir)
+        return latest
     return best if best and os.path.isdir(best) else latest
 
 

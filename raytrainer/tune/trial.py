@@ -10,6 +10,7 @@ raytrainer's event stream, so training runs in a thread here and this thread rep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -119,20 +120,13 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
 
         reporter = ReportObjective(report, with_checkpoint=report_checkpoints)
         trainer.add_callback(reporter)
-        resume = None
         # Tune restarted this trial: PBT exploited a better trial's checkpoint, or paused this one (its own)
-        exploited = restored
-        if exploited is not None:
-            resume = exploited.to_directory()
-            if _global_step(resume) >= args.max_steps > 0:
+        with restored_copy(restored) as resume:
+            if resume is not None and _global_step(resume) >= args.max_steps > 0:
                 return  # Tune paused this trial at its last report; the run is complete
-            import pyarrow.fs as pafs
-
-            _forget_donor_best(pafs.LocalFileSystem(), resume)
-            # the donor's whole state (weights, optimizer, scheduler, RNG, data position), then this
-            # trial's mutated hyperparameters on top (loop.py: apply_hyperparameters_after_resume)
-            trainer._hyperparameters_override_checkpoint = True
-        trainer.train(resume_from_checkpoint=resume, trial=config)
+            if resume is not None:
+                prepare_exploit(trainer, resume)
+            trainer.train(resume_from_checkpoint=resume, trial=config)
         if not reporter.reported:  # no evaluation during training: evaluate once at the end, as transformers does
             tune.report(metrics_for_tune(trainer.evaluate(), trainer.state, final=True))
         record_if_ended_early()
@@ -148,8 +142,11 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
         trainer._hyperparameters_override_checkpoint = True
 
     def report(metrics, state, path_in_storage=None):
-        checkpoint = pointers.to_tune(path_in_storage, state.global_step) if path_in_storage else None
-        tune.report(metrics_for_tune(metrics, state), checkpoint=checkpoint)
+        if path_in_storage is None:
+            tune.report(metrics_for_tune(metrics, state))
+            return
+        with pointers.to_tune(path_in_storage, state.global_step) as checkpoint:
+            tune.report(metrics_for_tune(metrics, state), checkpoint=checkpoint)  # Tune copies it before returning
 
     def final_report(metrics, state):  # the evaluation after training (no evaluation during it)
         tune.report(metrics_for_tune(metrics, state, final=True))
@@ -157,6 +154,33 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
     _run_multi_worker(trainer, config, report, with_checkpoint=report_checkpoints, resume=resume,
                       final_report=final_report)
     record_if_ended_early()
+
+
+@contextlib.contextmanager
+def restored_copy(tune_checkpoint):
+    """An in-process trial's restored Tune checkpoint as a folder of its own (we edit its trainer_state.json),
+    removed when the trial's train() ends or fails (Checkpoint.to_directory() alone leaves it in /tmp)."""
+    if tune_checkpoint is None:
+        yield None
+        return
+    from ..checkpoint import leftovers
+
+    folder = leftovers.temp_dir("exploit")
+    try:
+        yield tune_checkpoint.to_directory(os.path.join(folder, "checkpoint"))
+    finally:
+        leftovers.release(folder)
+
+
+def prepare_exploit(trainer, checkpoint: str) -> None:
+    """Resume `trainer` from a PBT donor's (copied) checkpoint: the donor's whole state (weights, optimizer,
+    scheduler, RNG, data position), then this trial's mutated hyperparameters on top (loop.py:
+    apply_hyperparameters_after_resume). The files are then read by the resume's own loaders (weights_only,
+    safetensors, checkpoint/pickle_check.py), as any resume's."""
+    import pyarrow.fs as pafs
+
+    _forget_donor_best(pafs.LocalFileSystem(), checkpoint)
+    trainer._hyperparameters_override_checkpoint = True
 
 
 def _forget_donor_best(fs, checkpoint: str) -> None:
@@ -206,16 +230,23 @@ class CheckpointPointer:
         self.scheme = storage_path.split("://", 1)[0] + "://" if "://" in storage_path else ""
         self.trial_name = trial_name
 
+    @contextlib.contextmanager
     def to_tune(self, path_in_storage: str, step: int):
+        """`with pointers.to_tune(path, step) as checkpoint: tune.report(..., checkpoint=checkpoint)`: Tune copies
+        the one-file folder into the trial's folder inside report(); the temporary folder goes afterwards."""
         import json
-        import tempfile
 
         from ray import tune
 
-        folder = tempfile.mkdtemp(prefix="raytrainer-pointer-")
-        with open(os.path.join(folder, self.FILE), "w") as f:
-            json.dump({"path": path_in_storage, "step": step, "trial": self.trial_name}, f)
-        return tune.Checkpoint.from_directory(folder)
+        from ..checkpoint import leftovers
+
+        folder = leftovers.temp_dir("pointer")
+        try:
+            with open(os.path.join(folder, self.FILE), "w") as f:
+                json.dump({"path": path_in_storage, "step": step, "trial": self.trial_name}, f)
+            yield tune.Checkpoint.from_directory(folder)
+        finally:
+            leftovers.release(folder)
 
     def resume_from(self, tune_checkpoint) -> tuple[str, int]:
         """(what train(resume_from_checkpoint=) takes, the checkpoint's step) for a restored trial."""

@@ -21,7 +21,9 @@ def crafted_distcp(folder, marker, item="optimizer.param_groups.0.lr"):
     """A DCP folder whose byte item `item` unpickles to the payload (torch.save'd, as DCP writes byte items)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({"optimizer": {"param_groups.0.lr": 0.1, "param_groups.0.params": [0]}}, checkpoint_id=str(folder))
+    # no_dist: also from one rank of a live process group (a Ray test crafts it on rank 0 only)
+    dcp.save({"optimizer": {"param_groups.0.lr": 0.1, "param_groups.0.params": [0]}}, checkpoint_id=str(folder),
+             no_dist=True)
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
     metadata = pickle.loads((folder / ".metadata").read_bytes())  # our own file, just written

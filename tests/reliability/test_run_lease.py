@@ -78,7 +78,8 @@ def test_second_concurrent_run_is_refused_and_the_first_keeps_its_checkpoints(ra
 
     storage = tmp_path / "storage"
     run_dir = storage / "shared-run"
-    foreign = plant_foreign_checkpoint(str(run_dir))
+    # a higher step than this run ever reaches, written before it: transformers' rule would resume it (issue 19)
+    foreign = plant_foreign_checkpoint(str(run_dir), step=10)
 
     def args(max_steps):
         return raytrainer.TrainingArguments(
@@ -107,16 +108,17 @@ def test_second_concurrent_run_is_refused_and_the_first_keeps_its_checkpoints(ra
     assert "'shared-run'" in str(refused[0]) and "run_name=" in str(refused[0])
     assert first.state.global_step == 6
     left = sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint-"))
-    assert left == ["checkpoint-1", "checkpoint-4", "checkpoint-6"], left  # its newest 2, and the foreign one
+    assert left == ["checkpoint-10", "checkpoint-4", "checkpoint-6"], left  # its newest 2, and the foreign one
     assert not (run_dir / LEASE_FILE).exists()
 
     resumed = raytrainer.Trainer(model=tiny_gpt2(), args=args(8), train_dataset=lm_examples(32))
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 8
-    # went on from its checkpoint-6: its first 6 logged losses are the first run's, then steps 7 and 8
+    # went on from its checkpoint-6, not the foreign checkpoint-10 (resume_pick.py: the run that wrote last):
+    # its first 6 logged losses are the first run's, then steps 7 and 8
     assert [h["step"] for h in resumed.state.log_history if "loss" in h] == list(range(1, 9))
     assert [h["loss"] for h in resumed.state.log_history if "loss" in h][:6] == \
         [h["loss"] for h in first.state.log_history if "loss" in h]
     left = sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint-"))
-    assert left == ["checkpoint-1", "checkpoint-6", "checkpoint-8"], left  # its own run rotated; the foreign stays
+    assert left == ["checkpoint-10", "checkpoint-6", "checkpoint-8"], left  # its own run rotated; the foreign stays
     assert os.path.isdir(foreign)
