@@ -6,9 +6,9 @@ in another order). Logged values compared: the loss, grad norm, learning rate an
 GRPO samples completions with each process's own seed, so its 2-worker reference is TRL on 2 gloo processes.
 Models are tiny Llamas built from a config; the tokenizer is built on the fly (tests/trl_helpers.py).
 
-Ray runs (one worker group each, ~25-35 s): SFT (chat, assistant-only loss, packing) with a worker killed
-mid-run; plain-text SFT under FSDP2 and under ZeRO-3; DPO; reward; GRPO with a worker killed mid-run; LoRA
-SFT; a user's own subclass; an ASHA sweep of 2 SFT trials x 2 workers.
+Ray runs (one worker group each, ~25-40 s): SFT (chat, assistant-only loss, packing), DPO, reward and GRPO,
+each with a worker killed mid-run; plain-text SFT under FSDP2 and under ZeRO-3; LoRA SFT and LoRA DPO; a
+user's own subclass; an ASHA sweep of 2 SFT trials x 2 workers.
 """
 
 from __future__ import annotations
