@@ -32,6 +32,7 @@ import torch
 import transformers
 
 from . import storage
+from .auto_batch import carry_to_workers, keep_found, report_found
 from .shared_storage import check_shared_storage
 from .checkpoint.layout import TRAINER_STATE, checkpoint_step
 from .checkpoint.lease import RunLease
@@ -44,6 +45,7 @@ from .elastic import adapt_to_world, check_train as check_elastic, scaling_kwarg
 from .data.ray_data import is_ray_dataset
 from .event_stream import DriverStream, StreamToDriver
 from .quiet import worker_logs
+from .ray_files import remove_ray_files
 from .redact import redact_text, state_without_secrets
 from .strategies.build import is_skeleton
 
@@ -119,6 +121,7 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
         if trainer.model_init is not None:
             overrides["model"] = None  # each worker calls model_init itself
         blueprint = _blueprint(trainer, **overrides)
+        carry_to_workers(trainer, blueprint)  # auto_find_batch_size: the size a second train() starts from
         spec = _spec(trainer, blueprint, fs, run_dir, name, resume=resume, resume_in_storage=resume_in_storage,
                      dataset_rows=None, datasets=datasets)
         spec.fit_id = fit_id
@@ -126,12 +129,14 @@ def run_on_ray(trainer, resume, trial, ignore_keys_for_eval):
         with DriverStream(trainer) as stream:
             spec.events = stream.box
             _fit(args, worker_main, spec, name, base, fs, datasets)
+        remove_ray_files(fs, run_dir)  # output_dir lists what transformers leaves (+ final_model/)
         if is_skeleton(trainer.model):
             # the driver held a skeleton while the workers trained (call_model_init): now the trained model
             trainer.model = transformers.Trainer.call_model_init(trainer, trial)
         output = load_results(trainer, fs, run_dir)
         if stream.final_state is not None:
             apply_final_state(trainer, stream.final_state)
+        keep_found(trainer)  # auto_find_batch_size: the size that fitted, as transformers' Trainer keeps it
         return output
 
 
@@ -431,6 +436,7 @@ def _train_on_worker(trainer, spec: RunSpec) -> None:
     trainer._ray.lineage = trainer._lineage
     trial, ignore_keys_for_eval = spec.train_call
     trainer.train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+    report_found(trainer)  # auto_find_batch_size: back to the driver with rank 0's final state
 
     final = os.path.join(trainer._ray.temp_dir("final"), FINAL_MODEL)
     # every rank: a sharded model (fsdp, deepspeed) gathers its full weights to rank 0, which writes them
