@@ -77,3 +77,21 @@ def test_auto_find_batch_size_resume_on_a_ray_worker(ray_cluster, tmp_path, monk
     assert_logs_close(train_logs(rt), train_logs(local), rtol=1e-4, atol=1e-5)
     for a, b in zip(local.model.parameters(), rt.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_ray_files_are_removed_and_nothing_else(tmp_path):
+    """ray_files.remove_ray_files: Ray Train's two files go, checkpoints and final_model/ stay; run twice is fine."""
+    import pyarrow.fs as pafs
+
+    from raytrainer.ray_files import RAY_FILES, remove_ray_files
+
+    for name in RAY_FILES:
+        (tmp_path / name).write_text("{}")
+    for folder in ("checkpoint-2", "final_model"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model.safetensors").write_bytes(b"x")
+    fs = pafs.LocalFileSystem()
+    remove_ray_files(fs, str(tmp_path))
+    remove_ray_files(fs, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "final_model"]
+    assert os.listdir(tmp_path / "checkpoint-2") == ["model.safetensors"]
