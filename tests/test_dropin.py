@@ -243,8 +243,8 @@ AUTO_BATCH = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, 
 
 
 def auto_batch_run(mod, out, max_rows, resume=None, **extra):
-    """batch 8, cut by transformers' retry (accelerate: x0.9, rounded down) until it fits max_rows; 4 steps (2 after a resume at step 2)."""
-    args = make_args(mod.TrainingArguments, out, max_steps=2 if resume is None else 4, **AUTO_BATCH, **extra)
+    """batch 8 (or extra's), cut by transformers' retry (accelerate: x0.9, rounded down) until it fits max_rows; 4 steps (2 after a resume at step 2)."""
+    args = make_args(mod.TrainingArguments, out, max_steps=2 if resume is None else 4, **{**AUTO_BATCH, **extra})
     recorder = Recorder()
     trainer = mod.Trainer(model=small_memory_gpt2(max_rows), args=args, train_dataset=lm_examples(32),
                           callbacks=[recorder])
@@ -267,8 +267,9 @@ def found_4(tmp_path_factory):
 
 
 def test_auto_find_batch_size_retries_as_transformers(tmp_path):
-    (hf, hf_rec), (rt, rt_rec) = (auto_batch_run(m, tmp_path / m.__name__, max_rows=2) for m in BOTH)
-    assert rt_rec.events == hf_rec.events and attempts(rt_rec) == 7  # 8, 7, 6, 5, 4, 3, then 2 fits
+    (hf, hf_rec), (rt, rt_rec) = (auto_batch_run(m, tmp_path / m.__name__, max_rows=2, per_device_train_batch_size=4)
+                                  for m in BOTH)
+    assert rt_rec.events == hf_rec.events and attempts(rt_rec) == 3  # 4, 3, then 2 fits
     assert rt.state.train_batch_size == hf.state.train_batch_size == rt._train_batch_size == 2
     assert_logs_close(train_logs(rt), train_logs(hf))
 
