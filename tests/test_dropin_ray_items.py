@@ -95,3 +95,19 @@ def test_ray_files_are_removed_and_nothing_else(tmp_path):
     remove_ray_files(fs, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "final_model"]
     assert os.listdir(tmp_path / "checkpoint-2") == ["model.safetensors"]
+
+
+@pytest.mark.ray
+def test_auto_find_batch_size_under_deepspeed_zero2_on_a_ray_worker(ray_cluster, tmp_path, monkeypatch, found_4):
+    """ZeRO-2 on one worker: the out-of-memory retry builds a new engine (and optimizer) per attempt, and the
+    resume starts at the checkpoint's size, with transformers' attempts and sizes (found_4: 8..4, 5 attempts)."""
+    pytest.importorskip("deepspeed", reason="DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed")
+    from tests.test_strategies import ZERO2
+
+    monkeypatch.chdir(tmp_path)
+    first, first_rec = auto_batch_run(raytrainer, tmp_path / "first", 4, num_workers=1, deepspeed=ZERO2)
+    assert attempts(first_rec) == 5 and first._train_batch_size == first.state.train_batch_size == 4
+    rt, rt_rec = auto_batch_run(raytrainer, tmp_path / "rt", 2, resume=str(tmp_path / "first" / "checkpoint-2"),
+                                num_workers=1, deepspeed=ZERO2)
+    assert attempts(rt_rec) == 3 and rt.state.global_step == 4
+    assert rt._train_batch_size == 2 and rt.state.train_batch_size == 4
