@@ -27,6 +27,7 @@ import uuid
 import transformers
 
 from . import storage
+from .auto_batch import carry_to_workers, keep_found
 from .checkpoint.layout import FINAL_MODEL, TRAINER_STATE
 from .checkpoint.lease import RunLease
 from .checkpoint.resume import plan_resume, state_json
@@ -36,6 +37,7 @@ from .data.ray_data import is_ray_dataset
 from .elastic import check_train as check_elastic, scaling_kwargs
 from .event_stream import DriverStream
 from .rank0_state import apply_final_state, restore_callback_states
+from .ray_files import remove_ray_files
 from .redact import redact_text
 from .shared_storage import check_shared_storage
 from .spec import RunSpec, TrainerBlueprint
@@ -73,16 +75,19 @@ def run_on_ray(trainer, resume_from_checkpoint, trial, ignore_keys_for_eval):
         if trainer.model_init is not None:
             overrides["model"] = None  # each worker calls model_init itself
         blueprint = _blueprint(trainer, **overrides)
+        carry_to_workers(trainer, blueprint)  # auto_find_batch_size: the size a second train() starts from
         with DriverStream(trainer) as stream:
             spec = _spec(trainer, blueprint, fs, run_dir, name, resume=plan, datasets=datasets, fit_id=fit_id,
                          train_call=(trial, ignore_keys_for_eval), events=stream.box)
             _fit(args, worker_main, spec, name, base, fs, datasets)
+        remove_ray_files(fs, run_dir)  # output_dir lists what transformers leaves (+ final_model/)
         if is_skeleton(trainer.model):
             # the driver held a skeleton while the workers trained (call_model_init): now the trained model
             trainer.model = transformers.Trainer.call_model_init(trainer, trial)
         output = load_results(trainer, fs, run_dir)
         if stream.final_state is not None:
             apply_final_state(trainer, stream.final_state)
+        keep_found(trainer)  # auto_find_batch_size: the size that fitted, as transformers' Trainer keeps it
         return output
 
 

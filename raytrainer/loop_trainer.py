@@ -137,6 +137,8 @@ class LoopTrainer(HubHooks, StepHooks, CheckpointHooks, ModelInitHooks, transfor
             # transformers' train() retries this with a smaller batch_size after an out-of-memory error
             self._train_batch_size = batch_size
             self.model_wrapped = self.model  # the next attempt wraps the bare model again
+            if self.args.strategy == "deepspeed" and not self._user_optimizers:
+                self.optimizer = None  # ZeRO rewrote the last attempt's param groups: the next engine needs a new one
         return TrainingLoop(self).run(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
 

@@ -22,6 +22,7 @@ import time
 import torch
 
 from . import storage
+from .auto_batch import report_found
 from .checkpoint.layout import FINAL_MODEL, TRAINER_STATE
 from .checkpoint.ray_checkpoints import RayCheckpoints
 from .checkpoint.resume import check_download
@@ -96,6 +97,7 @@ def _train_on_worker(trainer, spec: RunSpec) -> None:
     trainer._ray.lineage = trainer._lineage
     trial, ignore_keys_for_eval = spec.train_call
     trainer.train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+    report_found(trainer)  # auto_find_batch_size: back to the driver with rank 0's final state
 
     final = os.path.join(trainer._ray.temp_dir("final"), FINAL_MODEL)
     # every rank: a sharded model (fsdp, deepspeed) gathers its full weights to rank 0, which writes them

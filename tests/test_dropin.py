@@ -216,3 +216,71 @@ def test_enable_jit_checkpoint_is_transformers_in_process_and_rays_notice_with_w
         assert kinds == {("transformers", None): True, ("raytrainer", 0): True, ("raytrainer", 1): False}
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+# ------------------------------------------------------------------ item 6: auto_find_batch_size, with resume
+class SmallMemoryGPT2(transformers.GPT2LMHeadModel):
+    """Runs out of memory above config.max_rows rows per batch, with the words a CUDA OOM has (accelerate's
+    find_executable_batch_size halves the batch on them)."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        if input_ids is not None and input_ids.shape[0] > self.config.max_rows:
+            raise RuntimeError(f"CUDA out of memory. Tried to allocate a batch of {input_ids.shape[0]} rows")
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+def small_memory_gpt2(max_rows: int) -> SmallMemoryGPT2:
+    from tests.helpers import gpt2_config
+
+    config = gpt2_config()
+    config.max_rows = max_rows
+    torch.manual_seed(0)
+    return SmallMemoryGPT2(config)
+
+
+AUTO_BATCH = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, auto_find_batch_size=True,
+                  save_strategy="steps", save_steps=2)
+
+
+def auto_batch_run(mod, out, max_rows, resume=None, **extra):
+    """batch 8 (or extra's), cut by transformers' retry (accelerate: x0.9, rounded down) until it fits max_rows; 4 steps (2 after a resume at step 2)."""
+    args = make_args(mod.TrainingArguments, out, max_steps=2 if resume is None else 4, **{**AUTO_BATCH, **extra})
+    recorder = Recorder()
+    trainer = mod.Trainer(model=small_memory_gpt2(max_rows), args=args, train_dataset=lm_examples(32),
+                          callbacks=[recorder])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, recorder
+
+
+def attempts(recorder) -> int:
+    """transformers' retry runs the inner loop again: one on_train_begin per attempted batch size."""
+    return sum(1 for name, _ in recorder.events if name == "on_train_begin")
+
+
+@pytest.fixture(scope="module")
+def found_4(tmp_path_factory):
+    """transformers finds batch 4 (8, 7, 6, 5 do not fit) and saves checkpoint-2 with train_batch_size=4."""
+    out = tmp_path_factory.mktemp("auto")
+    trainer, recorder = auto_batch_run(transformers, out, max_rows=4)
+    assert trainer.state.train_batch_size == 4 and attempts(recorder) == 5
+    return str(out / "checkpoint-2")
+
+
+def test_auto_find_batch_size_retries_as_transformers(tmp_path):
+    (hf, hf_rec), (rt, rt_rec) = (auto_batch_run(m, tmp_path / m.__name__, max_rows=2, per_device_train_batch_size=4)
+                                  for m in BOTH)
+    assert rt_rec.events == hf_rec.events and attempts(rt_rec) == 3  # 4, 3, then 2 fits
+    assert rt.state.train_batch_size == hf.state.train_batch_size == rt._train_batch_size == 2
+    assert_logs_close(train_logs(rt), train_logs(hf))
+
+
+def test_auto_find_batch_size_resume_starts_from_the_checkpoints_size(tmp_path, found_4):
+    """On resume transformers starts the search at the checkpoint's train_batch_size (4), not the args' 8: with
+    room for 2 rows now, attempts 4, 3, 2 (not 8 down to 2)."""
+    (hf, hf_rec), (rt, rt_rec) = (auto_batch_run(m, tmp_path / m.__name__, 2, resume=found_4) for m in BOTH)
+    assert attempts(hf_rec) == attempts(rt_rec) == 3
+    assert rt_rec.events == hf_rec.events
+    assert rt.state.global_step == hf.state.global_step == 4
+    assert rt._train_batch_size == hf._train_batch_size == 2  # what a second train() starts from
+    # transformers' state keeps the checkpoint's train_batch_size after a resume (the next save records 4)
+    assert rt.state.train_batch_size == hf.state.train_batch_size == 4

@@ -4,7 +4,7 @@ driver's Trainer does after a Ray run too.
 transformers' restore_callback_states_from_checkpoint=True rebuilds each ExportableState callback
 (EarlyStoppingCallback) from the checkpoint's trainer_state.json, and warns about a saved state with no
 callback. One checkpoint (transformers, in-process) is resumed by transformers, by raytrainer in-process and
-by raytrainer on 1 Ray worker (the same batch); each ends with the checkpoint's patience in its callback list
+by raytrainer on 1 Ray worker (the same batch) and on 2 (the same global batch); each ends with the checkpoint's patience in its callback list
 and the warning printed in the driver's process.
 """
 
@@ -57,8 +57,8 @@ class ShouldSaveCounter(transformers.TrainerCallback):
 
 
 def resume(mod, out, checkpoint, **extra):
-    args = make_args(mod.TrainingArguments, out, max_steps=4, restore_callback_states_from_checkpoint=True, **ARGS,
-                     **extra)
+    args = make_args(mod.TrainingArguments, out, max_steps=4, restore_callback_states_from_checkpoint=True,
+                     **{**ARGS, **extra})
     trainer = mod.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(16),
                           eval_dataset=lm_examples(4, seed=3),
                           callbacks=[ShouldSaveCounter(), transformers.EarlyStoppingCallback()])
@@ -113,7 +113,8 @@ def test_callback_states_restore_on_the_driver_as_in_transformers(ray_cluster, c
     assert transformers_log.warned() and "GoneCallback" in transformers_log.warned()[0]
     expected = restored(hf)
     assert expected[0] == 5
-    for extra in ({}, {"num_workers": 1}):
+    # 2 workers take half the batch each: the same global batch (the saved global_step places the resume)
+    for extra in ({}, {"num_workers": 1}, {"num_workers": 2, "per_device_train_batch_size": 2}):
         transformers_log.messages.clear()
         rt = resume(raytrainer, tmp_path / f"rt{extra.get('num_workers', 0)}", checkpoint2, **extra)
         assert rt.state.global_step == hf.state.global_step == 4

@@ -22,6 +22,8 @@ class _ArgsWithWorld:
         self._args, self.world_size = args, world_size
 
     def __getattr__(self, name):
+        if name == "_args":  # unpickling looks attributes up before __dict__ is filled: no endless recursion
+            raise AttributeError(name)
         return getattr(self._args, name)
 
 

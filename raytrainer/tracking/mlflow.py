@@ -158,6 +158,8 @@ class _ArgsWithParams:
         return dict(self._params)
 
     def __getattr__(self, name):
+        if name == "_args":  # unpickling looks attributes up before __dict__ is filled: no endless recursion
+            raise AttributeError(name)
         return getattr(self._args, name)
 
 
