@@ -14,6 +14,7 @@ run happens here, before Ray starts a worker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -76,10 +77,10 @@ def run_on_ray(trainer, resume_from_checkpoint, trial, ignore_keys_for_eval):
             overrides["model"] = None  # each worker calls model_init itself
         blueprint = _blueprint(trainer, **overrides)
         carry_to_workers(trainer, blueprint)  # auto_find_batch_size: the size a second train() starts from
+        spec = _spec(trainer, blueprint, fs, run_dir, name, resume=plan, datasets=datasets, fit_id=fit_id,
+                     train_call=(trial, ignore_keys_for_eval))  # capacity checked before the event actor starts
         with DriverStream(trainer) as stream:
-            spec = _spec(trainer, blueprint, fs, run_dir, name, resume=plan, datasets=datasets, fit_id=fit_id,
-                         train_call=(trial, ignore_keys_for_eval), events=stream.box)
-            _fit(args, worker_main, spec, name, base, fs, datasets)
+            _fit(args, worker_main, dataclasses.replace(spec, events=stream.box), name, base, fs, datasets)
         remove_ray_files(fs, run_dir)  # output_dir lists what transformers leaves (+ final_model/)
         if is_skeleton(trainer.model):
             # the driver held a skeleton while the workers trained (call_model_init): now the trained model
@@ -104,11 +105,10 @@ def run_eval_on_ray(trainer, method: str, dataset, ignore_keys, metric_key_prefi
         blueprint = _blueprint(trainer, train_dataset=None, model=None)
     else:
         blueprint = _blueprint(trainer, train_dataset=None, model=trainer.model, model_init=None)
+    spec = _spec(trainer, blueprint, fs, run_dir, name, resume=None, datasets={}, fit_id=uuid.uuid4().hex,
+                 eval_call=(method, dataset, ignore_keys, metric_key_prefix), driver_state=trainer.state)
     with DriverStream(trainer, display=False) as stream:
-        spec = _spec(trainer, blueprint, fs, run_dir, name, resume=None, datasets={}, fit_id=uuid.uuid4().hex,
-                     eval_call=(method, dataset, ignore_keys, metric_key_prefix), driver_state=trainer.state,
-                     events=stream.box)
-        _fit(args, eval_worker_main, spec, name, base, fs, {})
+        _fit(args, eval_worker_main, dataclasses.replace(spec, events=stream.box), name, base, fs, {})
     if stream.final_state is not None:
         apply_final_state(trainer, stream.final_state)
     return stream.eval_result
