@@ -23,7 +23,6 @@ def _accepts(fn, name: str) -> bool:
 
 
 class StepHooks(transformers.Trainer):
-    # ------------------------------------------------------------------ the step
     def _call_training_step(self, model, inputs, num_items_in_batch):
         # subclasses written for transformers < 4.46 define training_step(model, inputs)
         if self._training_step_takes_items is None:

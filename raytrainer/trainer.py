@@ -57,7 +57,6 @@ class Trainer(LoopTrainer):
         return self.train_here(plan.checkpoint if plan else None, trial, ignore_keys_for_eval)
 
     # ------------------------------------------------------------------ evaluate / predict
-    # ------------------------------------------------------------------ evaluate / predict
     @redacted_errors()  # an error echoing s3://key:secret@ or a token shows neither
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -119,7 +118,6 @@ class Trainer(LoopTrainer):
         finally:
             handler.callbacks = everyone
 
-    # ------------------------------------------------------------------ hyperparameter search
     # ------------------------------------------------------------------ hyperparameter search
     @redacted_errors()  # an error echoing s3://key:secret@ or a token shows neither
     def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials=20, direction="minimize",

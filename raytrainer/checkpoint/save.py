@@ -32,7 +32,6 @@ logger = logging.getLogger("raytrainer")
 
 
 class CheckpointHooks(transformers.Trainer):
-    # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
         """Snapshot every state now; write `checkpoint-<step>/` atomically (in the background by default).
 
