@@ -31,7 +31,7 @@ from . import storage
 from .auto_batch import carry_to_workers, keep_found
 from .checkpoint.layout import FINAL_MODEL, TRAINER_STATE
 from .checkpoint.lease import RunLease
-from .checkpoint.resume import plan_resume, state_json
+from .checkpoint.resume import plan_resume
 from .checkpoint.retention import forget_earlier_fit
 from .data.checks import check_train_dataset
 from .data.ray_data import is_ray_dataset
@@ -60,9 +60,8 @@ def run_on_ray(trainer, resume_from_checkpoint, trial, ignore_keys_for_eval):
     plan = plan_resume(args, resume_from_checkpoint, fs=fs, run_dir=run_dir,
                        run_label=redact_text(f"{storage_path}/{name}"), ray_datasets=bool(datasets))
     check_best_model_loadable(trainer)
-    saved_state = state_json(plan, fs) if plan is not None and args.restore_callback_states_from_checkpoint else None
-    if saved_state is not None:
-        restore_callback_states(trainer, saved_state)
+    if plan is not None and plan.trainer_state is not None and args.restore_callback_states_from_checkpoint:
+        restore_callback_states(trainer, plan.trainer_state)
 
     ensure_ray()
     check_shared_storage(fs, run_dir)  # before the run lease writes into a folder the other nodes cannot see

@@ -7,7 +7,7 @@ It imports neither side: the driver (launch.py) builds it, the workers (worker.p
   callback list (add/remove/pop_callback included, display callbacks left out: they stay on the driver) and
   every attribute a subclass or the user set on it.
 * `ResumePlan`: the resume, decided once on the driver (checkpoint/resume.py): which checkpoint, where it
-  is, its run metadata, the digest of the trainer_state.json the driver checked, and what was checked.
+  is, its run metadata, the trainer_state.json the driver checked, and what was checked.
   The workers only load it.
 * `RunSpec`: both, plus where the run lives (storage filesystem, run folder), the call's own arguments and
   the handles the workers report to.
@@ -70,7 +70,7 @@ class ResumePlan:
     checkpoint: str                 # a checkpoint-<step> folder: a local path, or a path in the storage filesystem
     in_storage: bool                # True: workers download it from the run's storage filesystem
     run_meta: dict | None           # its raytrainer_run.pt (world size, global batch, data position, lineage)
-    state_sha256: str               # the trainer_state.json the driver checked: a download must be these bytes
+    trainer_state: str | None       # the trainer_state.json the driver checked: a download must hold these bytes
     checked: tuple = ()             # what the driver checked, in order (for logs and the tests)
 
     @property

@@ -11,13 +11,12 @@
   run metadata read once.
 
 The plan crosses to the workers in the RunSpec; a worker only downloads it and checks the bytes are the
-ones checked here (`state_sha256`). The one decision a worker makes is Ray's own: after a worker died,
+ones checked here (`trainer_state`). The one decision a worker makes is Ray's own: after a worker died,
 Ray hands back this fit's newest checkpoint, and that one wins (worker.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 
@@ -77,21 +76,13 @@ def plan_resume(args, resume_from_checkpoint, *, fs=None, run_dir=None, run_labe
     if fs is not None:
         check_resume(args, resume, fs if in_storage else None)  # e.g. ZeRO state of another worker count
         checked.append("sharded_state")
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest() if text is not None else ""
-    return ResumePlan(checkpoint=resume, in_storage=in_storage, run_meta=meta, state_sha256=digest,
+    return ResumePlan(checkpoint=resume, in_storage=in_storage, run_meta=meta, trainer_state=text,
                       checked=tuple(checked))
-
-
-def state_json(plan: ResumePlan, fs=None) -> str | None:
-    """The plan's trainer_state.json (restore_callback_states_from_checkpoint reads it on the driver)."""
-    return _read_state(fs if plan.in_storage else None, plan.checkpoint)
 
 
 def check_download(plan: ResumePlan, local: str) -> None:
     """A worker's copy of the planned checkpoint holds the trainer_state.json the driver checked."""
-    text = _read_state(None, local)
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest() if text is not None else ""
-    if digest != plan.state_sha256:
+    if _read_state(None, local) != plan.trainer_state:
         raise ValueError(f"{plan.checkpoint}: its {TRAINER_STATE} changed between the driver's check and this "
                          "worker's download (another writer in the run folder?); resume again.")
 
