@@ -7,6 +7,7 @@ calls give identical models and data: one copy for transformers.Trainer, one for
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import torch
@@ -200,3 +201,13 @@ def run_gloo_ranks(module: str, call: str, out_dir, world: int = 2) -> list[dict
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
     return [json.loads(open(os.path.join(out_dir, f"rank{r}.json")).read()) for r in range(world)]
+
+
+def tiny_checkpoint(out) -> str:
+    """A real 2-step raytrainer run of the tiny GPT-2 in `out`; the path of its checkpoint-2."""
+    import raytrainer
+
+    args = raytrainer.TrainingArguments(output_dir=str(out), max_steps=2, save_steps=2, per_device_train_batch_size=4,
+                                        report_to="none", disable_tqdm=True)
+    raytrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(8)).train()
+    return os.path.join(str(out), "checkpoint-2")

@@ -24,11 +24,11 @@ from raytrainer.checkpoint.resume_pick import Candidate, latest_in_folder, lates
 from raytrainer.checkpoint.resume import latest_checkpoint_in
 
 try:
-    from tests.helpers import lm_examples, tiny_gpt2
+    from tests.helpers import lm_examples, tiny_checkpoint, tiny_gpt2
     from tests.reliability.crafted import Payload
 except ImportError:
     from crafted import Payload
-    from helpers import lm_examples, tiny_gpt2
+    from helpers import lm_examples, tiny_checkpoint, tiny_gpt2
 
 
 def test_one_run_keeps_transformers_rule():
@@ -65,11 +65,7 @@ def _run_folder(genuine, run_dir, runs):
 
 @pytest.fixture(scope="module")
 def genuine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("genuine") / "run"
-    args = raytrainer.TrainingArguments(output_dir=str(out), max_steps=2, save_steps=2, per_device_train_batch_size=4,
-                                        report_to="none", disable_tqdm=True)
-    raytrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(8)).train()
-    return str(out / "checkpoint-2")
+    return tiny_checkpoint(tmp_path_factory.mktemp("genuine") / "run")
 
 
 MIXED = [(6, "earlier", 1_000_000.0), (8, "earlier", 1_000_100.0), (2, "later", 2_000_000.0), (4, "later", 2_000_100.0)]

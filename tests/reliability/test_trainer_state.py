@@ -14,18 +14,14 @@ import raytrainer
 from raytrainer.checkpoint.state_check import check_state_in_storage
 
 try:
-    from tests.helpers import lm_examples, tiny_gpt2
+    from tests.helpers import lm_examples, tiny_checkpoint, tiny_gpt2
 except ImportError:
-    from helpers import lm_examples, tiny_gpt2
+    from helpers import lm_examples, tiny_checkpoint, tiny_gpt2
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("state") / "run"
-    args = raytrainer.TrainingArguments(output_dir=str(out), max_steps=2, save_steps=2, per_device_train_batch_size=4,
-                                        report_to="none", disable_tqdm=True)
-    raytrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(8)).train()
-    return os.path.join(out, "checkpoint-2")
+    return tiny_checkpoint(tmp_path_factory.mktemp("state") / "run")
 
 
 CORRUPTIONS = [
