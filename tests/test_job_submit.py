@@ -179,8 +179,9 @@ def test_local_storage_on_two_nodes_is_refused_before_workers_start(two_node_clu
 @pytest.mark.e2e
 def test_resubmitted_job_resumes_after_its_driver_was_killed(two_node_cluster, command, first_job, s3_server,
                                                              tmp_path):
-    """A job's driver killed (SIGKILL) after checkpoint-2; the same command with --resume_from_checkpoint true
-    logs steps 3 and 4 only, from the checkpoint in storage, and ends with the uninterrupted run's weights."""
+    """A job killed (its workers frozen, then its driver SIGKILLed) after checkpoint-2; the same command with
+    --resume_from_checkpoint true logs steps 3 and 4 only, from the checkpoint in storage, and ends with the
+    uninterrupted run's weights."""
     import psutil
     import torch
     from safetensors.torch import load
@@ -199,11 +200,20 @@ def test_resubmitted_job_resumes_after_its_driver_was_killed(two_node_cluster, c
         if cluster.api(f"/api/jobs/{killed}")["status"] in TERMINAL or time.monotonic() > deadline:
             info, logs = finished(cluster, killed, tmp_path / "killed.log")
             pytest.fail(f"no checkpoint-2 in the bucket; job {info['status']}: {logs[-3000:]}")
-        time.sleep(0.2)
-    drivers = [p for p in psutil.process_iter(["cmdline"])
+        time.sleep(0.05)
+    # the workers are frozen first: killing the driver alone leaves them running until Ray reaps them, and on
+    # a loaded machine that was long enough to upload checkpoint-4; then the driver dies, then they do
+    processes = list(psutil.process_iter(["cmdline"]))
+    workers = [p for p in processes if (p.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")]
+    assert len(workers) == 2, [p.info["cmdline"] for p in workers]
+    for worker in workers:
+        worker.suspend()
+    drivers = [p for p in processes
                if any(a.endswith("raytrainer") for a in (p.info["cmdline"] or [])[:2]) and "resumed" in p.info["cmdline"]]
     assert len(drivers) == 1, [p.info["cmdline"] for p in drivers]
     drivers[0].kill()
+    for worker in workers:
+        worker.kill()
     info, logs = finished(cluster, killed, tmp_path / "killed.log")
     assert info["status"] == "FAILED", logs[-3000:]
     assert fs.get_file_info(f"{bucket}/runs/resumed/checkpoint-4/trainer_state.json").type.name == "NotFound", \
