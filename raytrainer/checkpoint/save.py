@@ -110,7 +110,8 @@ class CheckpointHooks(transformers.Trainer):
                 snap.scheduler_state = copy.deepcopy(self.lr_scheduler.state_dict())
                 snap.scaler_state = self._strategy.scaler_state() if self._strategy else None
             snap.rng_state = _rng_state()
-        pending = PendingSave(final_dir=final_dir, run_dir=run_dir, background=self._checkpoint_writer.in_background(snap))
+        pending = PendingSave(final_dir=final_dir, run_dir=run_dir, background=self._checkpoint_writer.in_background(snap),
+                              metrics={"step": self.state.global_step, **self._last_metrics})
         snap.after = lambda _: pending.written.set()
         self._unfinished_saves.append(pending)
         if pending.background:
@@ -272,6 +273,7 @@ class PendingSave:
     final_dir: str
     run_dir: str
     background: bool = False  # written by the writer's thread (the loop went on)
+    metrics: dict = dataclasses.field(default_factory=dict)  # the latest logged values at the save (Ray's report)
     written: threading.Event = dataclasses.field(default_factory=threading.Event)
     state: transformers.TrainerState | None = None  # the state at the save, for on_save
 
