@@ -39,6 +39,7 @@ from benchmarks import common as C  # noqa: E402
 from benchmarks.strategies import STRATEGIES, BenchInit  # noqa: E402
 
 import raytrainer  # noqa: E402
+import torch  # noqa: E402
 
 FSDP = STRATEGIES["fsdp"]
 CONFIGS = {
@@ -69,17 +70,21 @@ class CountingTrainer(raytrainer.Trainer):
                 json.dump(record, f)
 
 
-def run(name: str, work: str, size: str, steps: int, save_every: int, per_device: int) -> dict:
+def run(name: str, work: str, size: str, steps: int, save_every: int, per_device: int, resume: bool) -> dict:
     out, records = C.tmpdir(work, name), C.tmpdir(work, name + "-records")
     workers = 2
     dataset = C.build_dataset("gpt2", per_device * workers * steps)
-    args = raytrainer.TrainingArguments(
-        output_dir=out, per_device_train_batch_size=per_device, max_steps=steps, learning_rate=C.LR,
-        logging_steps=1, save_strategy="steps", save_steps=save_every, save_total_limit=2, report_to=[],
-        disable_tqdm=True, seed=C.SEED, **C.ray_worker_kwargs(workers), **CONFIGS[name])
+
+    def trainer_for(output_dir):
+        args = raytrainer.TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=per_device, max_steps=steps, learning_rate=C.LR,
+            logging_steps=1, save_strategy="steps", save_steps=save_every, save_total_limit=2, report_to=[],
+            disable_tqdm=True, seed=C.SEED, **C.ray_worker_kwargs(workers), **CONFIGS[name])
+        return CountingTrainer(model_init=BenchInit(size, records), args=args, train_dataset=dataset,
+                               data_collator=C.collate)
+
     CountingTrainer.record_dir = records
-    trainer = CountingTrainer(model_init=BenchInit(size, records), args=args, train_dataset=dataset,
-                              data_collator=C.collate)
+    trainer = trainer_for(out)
     t0 = time.time()
     trainer.train()
     wall = time.time() - t0
@@ -93,8 +98,16 @@ def run(name: str, work: str, size: str, steps: int, save_every: int, per_device
         per_rank.append({**r, "blocked_per_save_s": r["blocked_s"] / saves, "checkpoint_per_save_s": checkpoint / saves,
                          "ratio": r["blocked_s"] / checkpoint if checkpoint else None})
     last = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-"))[-1]
-    return {"ranks": per_rank, "saves": saves, "fit_wall_s": wall, "checkpoint_files": sorted(os.listdir(os.path.join(out, last))),
-            "ratio": max(p["ratio"] for p in per_rank)}
+    result = {"ranks": per_rank, "saves": saves, "fit_wall_s": wall, "ratio": max(p["ratio"] for p in per_rank),
+              "checkpoint_files": sorted(os.listdir(os.path.join(out, last)))}
+    if resume:  # the next-to-last checkpoint, written while the loop went on, resumes to the same weights
+        middle = os.path.join(out, f"checkpoint-{steps - save_every}")
+        resumed = trainer_for(C.tmpdir(work, name + "-resumed"))
+        resumed.train(resume_from_checkpoint=middle)
+        final, again = trainer.model.state_dict(), resumed.model.state_dict()
+        result["resume_bit_for_bit"] = all(torch.equal(final[k], again[k]) for k in final)
+        result["resume_max_abs_diff"] = max((final[k] - again[k]).abs().max().item() for k in final)
+    return result
 
 
 def main():
@@ -104,6 +117,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--per-device", type=int, default=2)
+    parser.add_argument("--resume", nargs="*", default=["fsdp", "zero3"],
+                        help="configs whose next-to-last checkpoint is resumed and compared bit for bit")
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "sharded_checkpoint.json"))
     opts = parser.parse_args()
     C.start_ray()
@@ -113,9 +128,14 @@ def main():
         if name == "zero3" and not _has_deepspeed():
             print("zero3: skipped (DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)")
             continue
-        results[name] = run(name, work, opts.model, opts.steps, opts.save_every, opts.per_device)
+        results[name] = run(name, work, opts.model, opts.steps, opts.save_every, opts.per_device,
+                            resume=name in opts.resume)
     print(f"\n{'config':<12} {'blocked s/ckpt (rank 0, 1)':>28} {'checkpoint s/ckpt (rank 0, 1)':>31} "
           f"{'blocked/ckpt':>13} {'end wait s':>11} {'fit s':>7}")
+    for name, r in results.items():
+        if "resume_bit_for_bit" in r:
+            print(f"{name}: resumed from checkpoint-{opts.steps - opts.save_every}: final weights bit for bit "
+                  f"{r['resume_bit_for_bit']} (max |diff| {r['resume_max_abs_diff']:.2e})")
     for name, r in results.items():
         blocked = ", ".join(f"{p['blocked_per_save_s']:.2f}" for p in r["ranks"])
         total = ", ".join(f"{p['checkpoint_per_save_s']:.2f}" for p in r["ranks"])

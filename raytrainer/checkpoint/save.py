@@ -202,7 +202,8 @@ class CheckpointHooks(transformers.Trainer):
 
     def _written_on_every_rank(self, pending: "PendingSave") -> bool:
         """On Ray every rank reports a checkpoint at the same step (the report is a barrier): a background write
-        counts as done once it is done on every rank."""
+        counts as done once it is done on every rank. A collective: every rank calls _finish_saves(block=False)
+        at the same points (the loop's step boundaries; on_save, whose callbacks are the same on every rank)."""
         if self._ray is None or not pending.background or world_info()[1] == 1:
             return pending.written.is_set()
         import torch.distributed as dist
