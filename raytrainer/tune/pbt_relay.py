@@ -40,8 +40,7 @@ class ExploitRelay:
             return  # the last step: the workers do not wait, nothing is left to exploit into
         decision = wait_for(self.board, ("decision", self.trial_id, self.reports),
                             f"Tune's PBT decision on trial {self.trial_id}'s step {state.global_step}")
-        if decision["action"] == "restart":
-            return  # Tune pauses this trial and restarts it from the donor (its workers stop with it)
+        # "restart": Tune pauses this trial and restarts it from the donor; its workers go on until it stops them
         instruction = {"action": "continue"}
         if decision["action"] == "exploit":
             instruction = self._exploit(decision)

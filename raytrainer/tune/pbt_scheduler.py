@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+from ray.train._internal.session import _FutureTrainingResult
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
@@ -94,8 +95,11 @@ class InPlacePBT(PopulationBasedTraining):
         if self._board is not None and trial in upper_quantile and trial is not self._reporter \
                 and trial.status == Trial.RUNNING:
             # waiting at the barrier: its actor sits in train() until it reports again, so a save asked of it now
-            # would never be answered; its checkpoint is the one it reported (registered before it went on)
-            self._trial_state[trial].last_checkpoint = trial.checkpoint
+            # would never be answered; its checkpoint is the one it reported (Tune's save of it, asked before
+            # train(), may still be in flight)
+            saving = trial.temporary_state.saving_to
+            self._trial_state[trial].last_checkpoint = saving if isinstance(saving, _FutureTrainingResult) \
+                else trial.checkpoint
             self._num_checkpoints += 1
             return
         super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
