@@ -67,6 +67,6 @@ class FollowExploits(TrainerCallback):
             self.generation += 1
             if state.is_world_process_zero:
                 logger.info("raytrainer: trial %s loads trial %s's checkpoint in its running worker group (PBT "
-                            "exploit at step %d) with %s", self.trial_id, instruction["donor_trial"], step,
+                            "exploit after its step %d) with %s", self.trial_id, instruction["donor_trial"], step,
                             instruction["overrides"])
             raise ExploitInPlace(instruction)
