@@ -72,24 +72,27 @@ class InPlacePBT(PopulationBasedTraining):
 
     def on_trial_complete(self, tune_controller, trial, result):
         super().on_trial_complete(tune_controller, trial, result)
-        self._ended(trial)
+        self._ended(tune_controller, trial)
 
     def on_trial_error(self, tune_controller, trial):
         super().on_trial_error(tune_controller, trial)
-        self._ended(trial)
+        self._ended(tune_controller, trial)
 
     def on_trial_remove(self, tune_controller, trial):
         super().on_trial_remove(tune_controller, trial)
-        self._ended(trial)
+        self._ended(tune_controller, trial)
 
-    def _ended(self, trial) -> None:
-        # a trial that ends (early stopping, an error) no longer reaches the barrier: the waiting ones go on
+    def _ended(self, tune_controller, trial) -> None:
         self._waiting.pop(trial, None)
         self._decided.pop(trial, None)
-        if self._board is not None:
-            for other in list(self._waiting):
+        if self._board is None:
+            return
+        # a trial that ended early (early stopping, an error) never reaches the barrier: once every live trial
+        # waits at it, they go on without a perturbation there
+        if all(t in self._waiting for t in tune_controller.get_live_trials() if t is not trial):
+            for other in self._waiting:
                 self._decided.setdefault(other, {"action": "continue"})
-            self._release()
+        self._release()
 
     def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
         if self._board is not None and trial in upper_quantile and trial is not self._reporter \
