@@ -5,7 +5,8 @@ overrides, then `train(trial=config)` (transformers passes the trial to model_in
 every evaluation the objective goes to Tune (`tune.report`), which is where ASHA may stop the
 trial. In-process trials (num_workers=0) report from the loop's own thread. Multi-worker trials
 run the loop on their own Ray Train workers: their evaluations reach this process through
-raytrainer's event stream, so training runs in a thread here and this thread reports to Tune.
+raytrainer's event stream, so training runs in a thread here and this thread reports to Tune. Under an
+in-place PBT (pbt_scheduler.py) this thread also relays each of Tune's decisions to the workers (pbt_relay.py).
 """
 
 from __future__ import annotations
