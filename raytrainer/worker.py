@@ -37,6 +37,7 @@ from .loop_trainer import rebuild
 from .rank0_state import final_state
 from .redact import state_without_secrets
 from .spec import RunSpec
+from .train_again import TrainAgain
 
 logger = logging.getLogger("raytrainer")
 
@@ -96,7 +97,12 @@ def _train_on_worker(trainer, spec: RunSpec) -> None:
     trainer._lineage = (f"trial:{spec.name}" if spec.train_call[0] is not None else None) or lineage or spec.fit_id
     trainer._ray.lineage = trainer._lineage
     trial, ignore_keys_for_eval = spec.train_call
-    trainer.train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+    while True:
+        try:
+            trainer.train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+            break
+        except TrainAgain as again:  # a PBT exploit in this worker group (tune/pbt_worker.py): same processes
+            resume, trial = again.prepare(trainer)
     report_found(trainer)  # auto_find_batch_size: back to the driver with rank 0's final state
 
     final = os.path.join(trainer._ray.temp_dir("final"), FINAL_MODEL)

@@ -136,7 +136,8 @@ class TrialRecorder(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.is_rank0 = state.is_world_process_zero
-        self._write(args, {"begin": state.global_step, "digest": digest(model), "config_lr": args.learning_rate})
+        self._write(args, {"begin": state.global_step, "digest": digest(model), "config_lr": args.learning_rate,
+                           "pid": os.getpid()})  # rank 0's process: a new one is a new worker group
 
     def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         self._write(args, {"step": state.global_step, "lr": optimizer.param_groups[0]["lr"],
@@ -156,7 +157,11 @@ def _trial_temp_folders() -> set:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pbt_exploit_copies_the_donor_state_and_keeps_the_mutated_lr(ray_cluster, tmp_path, workers):
-    """In-process trials and 2-worker trials (0.5 CPU a worker: both trials fit the 4-CPU cluster at once)."""
+    """In-process trials and 2-worker trials (0.5 CPU a worker: both trials fit the 4-CPU cluster at once).
+
+    2-worker trials: the whole population trains at once, so the exploit happens in the running worker group
+    (tune/pbt_scheduler.py): each trial keeps the one worker group it started with (synch=True used to pause both
+    trials at step 4, and each restart started a new group: 4 group starts, now 2)."""
     from ray.tune.schedulers import PopulationBasedTraining
 
     mutated = [3e-3, 4e-3]
@@ -200,6 +205,10 @@ def test_pbt_exploit_copies_the_donor_state_and_keeps_the_mutated_lr(ray_cluster
                 assert row["lr"] == pytest.approx(current["config_lr"]), row
                 assert row["base_lr"] == pytest.approx(current["config_lr"])
     assert exploits >= 1
+    if workers:  # one worker group per trial: rank 0 is the same process at every train() begin
+        assert {name: len({row["pid"] for row in rows if "begin" in row}) for name, rows in runs.items()} == \
+            {name: 1 for name in runs}
+        assert sum(1 for rows in runs.values() for row in rows if "begin" in row) == 2 + exploits
 
 
 DRIVER = """

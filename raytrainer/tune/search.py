@@ -26,6 +26,8 @@ from ..spec import TrainerBlueprint
 from .completion import all_recorded
 from .dashboard import check_dashboard_for_stopping_scheduler
 from .objective import best_run, direction_to_mode
+from .pbt_board import start_board
+from .pbt_scheduler import InPlacePBT, in_place_pbt
 from .schedulers import build_scheduler, is_pbt
 from .space import to_tune_space
 from .validate import check_search
@@ -39,6 +41,7 @@ SCOPES = ("last", "all", "avg", "last-5-avg", "last-10-avg")
 
 def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_trials=20, direction="minimize",
                           backend=None, hp_name=None, **kwargs):
+    import ray
     from ray import tune
 
     from ..launch import check_picklable, ensure_ray
@@ -84,6 +87,18 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     from ..tracking.mlflow import finish_sweep_run, start_sweep_run
     from .trial import run_trial
 
+    path = os.path.join(storage_path, name) if "://" not in storage_path else f"{storage_path}/{name}"
+    restoring = resume and tune.Tuner.can_restore(path, storage_filesystem=args.storage_filesystem)
+    board = None
+    if pbt and args.num_workers > 0 and not restoring:
+        # multi-worker trials: exploits in their running worker groups (pbt_scheduler.py), when all train at once
+        board = start_board()
+        tune_scheduler = in_place_pbt(tune_scheduler, board, n_trials=n_trials, space=space,
+                                      max_concurrent=max_concurrent, search_alg=search_alg)
+        if not isinstance(tune_scheduler, InPlacePBT):
+            ray.kill(board)
+            board = None
+
     # report_to mlflow: one parent run for the sweep here, one child run per trial (in the trial)
     mlflow_sweep = start_sweep_run(args, name, {
         "n_trials": n_trials, "direction": direction, "scheduler": _describe(scheduler) or "fifo",
@@ -92,12 +107,11 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, blueprint=blueprint, compute_objective=compute_objective,
                                  storage_path=storage_path, sweep=name, hp_name=hp_name, report_checkpoints=pbt,
-                                 mlflow_sweep=mlflow_sweep),
+                                 mlflow_sweep=mlflow_sweep, pbt_board=board),
             resources,
         )
         has_metric = getattr(tune_scheduler, "_metric", None) is not None
-        path = os.path.join(storage_path, name) if "://" not in storage_path else f"{storage_path}/{name}"
-        if resume and tune.Tuner.can_restore(path, storage_filesystem=args.storage_filesystem):
+        if restoring:
             tuner = tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=args.storage_filesystem)
         else:
             tuner = tune.Tuner(
@@ -133,6 +147,9 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     except BaseException:
         finish_sweep_run(mlflow_sweep, failed=True)
         raise
+    finally:
+        if board is not None:
+            ray.kill(board)
     finish_sweep_run(mlflow_sweep, results, best)
     trainer.sweep_mlflow_run_id = mlflow_sweep["run_id"] if mlflow_sweep else None  # the parent run
     return best

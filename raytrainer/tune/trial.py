@@ -5,7 +5,8 @@ overrides, then `train(trial=config)` (transformers passes the trial to model_in
 every evaluation the objective goes to Tune (`tune.report`), which is where ASHA may stop the
 trial. In-process trials (num_workers=0) report from the loop's own thread. Multi-worker trials
 run the loop on their own Ray Train workers: their evaluations reach this process through
-raytrainer's event stream, so training runs in a thread here and this thread reports to Tune.
+raytrainer's event stream, so training runs in a thread here and this thread reports to Tune. Under an
+in-place PBT (pbt_scheduler.py) this thread also relays each of Tune's decisions to the workers (pbt_relay.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from ..args import check_folder_name
 from ..loop_trainer import rebuild
 from .completion import config_key, record_done, recorded
 from .objective import default_objective
+from .pbt_relay import ExploitRelay
+from .pbt_worker import FollowExploits
 from .validate import split_params
 
 
@@ -55,8 +58,9 @@ class ReportObjective(TrainerCallback):
 
 
 def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name, report_checkpoints=False,
-              mlflow_sweep=None):
-    """One trial; with `mlflow_sweep` (the driver's parent run, report_to mlflow) inside its own child run."""
+              mlflow_sweep=None, pbt_board=None):
+    """One trial; with `mlflow_sweep` (the driver's parent run, report_to mlflow) inside its own child run.
+    With `pbt_board` (an in-place PBT over multi-worker trials) exploits come through it (pbt_relay.py)."""
     from ray import tune
 
     from ..tracking.mlflow import trial_run
@@ -67,12 +71,12 @@ def run_trial(config, blueprint, compute_objective, storage_path, sweep, hp_name
     _, model_params = split_params(config, blueprint.ctor["args"])
     restored = tune.get_checkpoint()
     with trial_run(mlflow_sweep, trial_name, context.get_trial_id(), model_params, resumed=restored is not None):
-        _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_name, report_checkpoints,
-                   context, restored)
+        _run_trial(dict(config), blueprint, compute_objective, storage_path, sweep, trial_name, report_checkpoints,
+                   context, restored, pbt_board)
 
 
 def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_name, report_checkpoints, context,
-               restored):
+               restored, pbt_board=None):
     from ray import tune
 
     overrides, _ = split_params(config, blueprint.ctor["args"])
@@ -140,19 +144,27 @@ def _run_trial(config, blueprint, compute_objective, storage_path, sweep, trial_
         if step >= args.max_steps > 0:
             return  # Tune paused this trial at its last report; the run is complete
         trainer._hyperparameters_override_checkpoint = True
+    relay = None
+    if pbt_board is not None and report_checkpoints:  # PBT exploits in this trial's running worker group
+        relay = ExploitRelay(pbt_board, context.get_trial_id(), trainer, pointers, config)
+        trainer.add_callback(FollowExploits(pbt_board, context.get_trial_id()))
 
     def report(metrics, state, path_in_storage=None):
         if path_in_storage is None:
             tune.report(metrics_for_tune(metrics, state))
             return
+        tune_metrics = metrics_for_tune(metrics, state)
         with pointers.to_tune(path_in_storage, state.global_step) as checkpoint:
-            tune.report(metrics_for_tune(metrics, state), checkpoint=checkpoint)  # Tune copies it before returning
+            # Tune copies the pointer before returning
+            tune.report(relay.numbered(tune_metrics) if relay else tune_metrics, checkpoint=checkpoint)
+        if relay:
+            relay.after_report(state)  # the scheduler's decision, handed to the waiting workers
 
     def final_report(metrics, state):  # the evaluation after training (no evaluation during it)
         tune.report(metrics_for_tune(metrics, state, final=True))
 
     _run_multi_worker(trainer, config, report, with_checkpoint=report_checkpoints, resume=resume,
-                      final_report=final_report)
+                      final_report=final_report, unreported=relay.unreported if relay else None)
     record_if_ended_early()
 
 
@@ -275,7 +287,7 @@ class CheckpointPointer:
         return self.scheme + path, step
 
 
-def _run_multi_worker(trainer, config, report, with_checkpoint, resume, final_report=None):
+def _run_multi_worker(trainer, config, report, with_checkpoint, resume, final_report=None, unreported=None):
     """Train on Ray workers in a thread; forward each streamed evaluation to Tune from this thread.
 
     With with_checkpoint (PBT) an evaluation is reported once its step's checkpoint is in storage.
@@ -309,6 +321,8 @@ def _run_multi_worker(trainer, config, report, with_checkpoint, resume, final_re
             elif kind == "checkpoint" and state.global_step in waiting:
                 report(waiting.pop(state.global_step), state, payload)
                 reported += 1
+            elif kind == "checkpoint" and unreported is not None:
+                unreported(state)
     finally:
         DriverStream.listeners.remove(events.put)
     thread.join()
