@@ -29,6 +29,7 @@ import transformers
 
 from . import storage
 from .auto_batch import carry_to_workers, keep_found
+from .checkpoint.consolidate import load_whole
 from .checkpoint.layout import FINAL_MODEL, TRAINER_STATE
 from .checkpoint.lease import RunLease
 from .checkpoint.resume import plan_resume
@@ -300,16 +301,8 @@ def _load_weights(model, folder):
         if result.unexpected_keys:
             raise RuntimeError(f"the workers' final adapter does not fit the driver's model: {result.unexpected_keys[:5]}")
         return
-    state = load_file(os.path.join(folder, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # tied weights (e.g. GPT-2's lm_head) are saved once by save_pretrained and tied again below
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"the workers' final model does not fit the driver's: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    load_whole(model, load_file(os.path.join(folder, "model.safetensors")),
+               "the workers' final model does not fit the driver's", error=RuntimeError)
 
 
 def check_best_model_loadable(trainer) -> None:

@@ -20,10 +20,10 @@ from raytrainer.tune.pbt_scheduler import InPlacePBT, in_place_pbt
 
 try:
     from tests.helpers import lm_examples, tiny_gpt2
-    from tests.reliability.test_crafted_paths import CRAFTED, _args as crafted_args, plant
+    from tests.reliability.test_crafted_paths import CRAFTED, _args as crafted_args, exploit_copy_of_a_crafted_donor
 except ImportError:
     from helpers import lm_examples, tiny_gpt2
-    from reliability.test_crafted_paths import CRAFTED, _args as crafted_args, plant
+    from reliability.test_crafted_paths import CRAFTED, _args as crafted_args, exploit_copy_of_a_crafted_donor
 
 BOARD = object()  # stands for the board actor's handle: only kept, never called here
 
@@ -79,22 +79,11 @@ def test_an_in_place_exploit_refuses_a_crafted_donor(genuine, tmp_path, name):
     """The in-place path: the trial copies the donor (CheckpointPointer.resume_from) and plans it (pbt_relay.plan_for,
     checkpoint/resume.plan_resume), a worker checks its copy against the plan and trains from it (ExploitInPlace,
     the loop's loaders): every crafted file is refused before its payload can run."""
-    import shutil
-
     import raytrainer
     from raytrainer.tune.pbt_relay import plan_for
     from raytrainer.tune.pbt_worker import ExploitInPlace
-    from raytrainer.tune.trial import CheckpointPointer
 
-    storage = tmp_path / "storage"
-    donor = storage / "sweep" / "donor" / "checkpoint-2"
-    shutil.copytree(genuine, donor)
-    marker = tmp_path / "ran"
-    plant(donor, name, marker)
-    pointer = tmp_path / "pointer"
-    with CheckpointPointer(str(storage), None, "donor").to_tune(str(donor), 2) as checkpoint:
-        shutil.copytree(checkpoint.path, pointer)  # what Tune keeps of the donor's report
-    resume, _ = CheckpointPointer(str(storage), None, "me").resume_from(tune.Checkpoint.from_directory(str(pointer)))
+    resume, _, marker = exploit_copy_of_a_crafted_donor(genuine, tmp_path, name)
     args = crafted_args(tmp_path / "me", max_steps=4, learning_rate=3e-3)
     trainer = raytrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(8))
     with pytest.raises(CRAFTED[name][0], match=CRAFTED[name][1]):

@@ -37,13 +37,16 @@ def only_dcp_weights(checkpoint_dir: str) -> bool:
 
 def load_dcp_weights(model, checkpoint_dir: str) -> None:
     """A whole (unsharded) model's weights from a checkpoint's shards: a run resumed without fsdp."""
-    state = dcp_model_state(checkpoint_dir)
+    load_whole(model, dcp_model_state(checkpoint_dir), f"{checkpoint_dir}/{MODEL_DCP} does not fit the model")
+
+
+def load_whole(model, state: dict, misfit: str, error=ValueError) -> None:
+    """A full state dict into a whole model; tied weights (saved once by save_pretrained) are tied again."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())  # saved once, tied again below
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise ValueError(f"{checkpoint_dir}/{MODEL_DCP} does not fit the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise error(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
 

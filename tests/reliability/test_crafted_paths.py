@@ -153,10 +153,9 @@ def test_an_in_process_pbt_exploit_refuses_a_crafted_donor(genuine, tmp_path, na
     assert _exploit_folders() == before  # the copy made for the exploit is gone
 
 
-@pytest.mark.parametrize("name", ["optimizer.pt", "latest", "optim_dcp"])
-def test_a_multi_worker_pbt_exploit_refuses_a_crafted_donor(genuine, tmp_path, name):
-    """A multi-worker trial's exploit: the pointer names the donor's checkpoint in storage, which is copied into
-    this trial's run folder and resumed from there (on Ray workers in a sweep; the loaders are the same here)."""
+def exploit_copy_of_a_crafted_donor(genuine, tmp_path, name):
+    """A donor trial's checkpoint-2 in storage with `name` crafted, as a PBT exploit copies it into trial "me"'s
+    run folder through Tune's pointer; (the copy's path, its step, the marker its payload would create)."""
     from ray import tune
 
     from raytrainer.tune.trial import CheckpointPointer
@@ -170,7 +169,15 @@ def test_a_multi_worker_pbt_exploit_refuses_a_crafted_donor(genuine, tmp_path, n
     with CheckpointPointer(str(storage), None, "donor").to_tune(str(donor), 2) as checkpoint:
         shutil.copytree(checkpoint.path, pointer)  # what Tune keeps of the donor's report
     resume, step = CheckpointPointer(str(storage), None, "me").resume_from(tune.Checkpoint.from_directory(str(pointer)))
-    assert step == 2 and os.path.dirname(resume) == str(storage / "sweep" / "me")
+    return resume, step, marker
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "latest", "optim_dcp"])
+def test_a_multi_worker_pbt_exploit_refuses_a_crafted_donor(genuine, tmp_path, name):
+    """A multi-worker trial's exploit: the pointer names the donor's checkpoint in storage, which is copied into
+    this trial's run folder and resumed from there (on Ray workers in a sweep; the loaders are the same here)."""
+    resume, step, marker = exploit_copy_of_a_crafted_donor(genuine, tmp_path, name)
+    assert step == 2 and os.path.dirname(resume) == str(tmp_path / "storage" / "sweep" / "me")
     trainer = raytrainer.Trainer(model=tiny_gpt2(), args=_args(tmp_path / "me", max_steps=4),
                                  train_dataset=lm_examples(8))
     trainer._hyperparameters_override_checkpoint = True
