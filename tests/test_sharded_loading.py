@@ -314,3 +314,58 @@ def test_zero3_each_rank_reads_its_partitions(folders, tmp_path):
     assert warning.count("ZeRO-3: rank 0 reads the whole pretrained model") == 1, warning
     assert warning.count("no sharded loading: from_pretrained reports missing keys") == 1, warning
     assert "no sharded loading" not in (tmp_path / "log1").read_text()
+
+
+class Zero3InitialWeights(transformers.TrainerCallback):
+    """At train begin (a collective on every rank): the ZeRO-3 partitions, gathered one parameter at a time, against
+    from_pretrained's weights on rank 0; and how many bytes of partitions this rank holds."""
+
+    def __init__(self, folder: str, path: str):
+        self.folder, self.path = folder, path
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        import deepspeed
+        import torch.distributed as dist
+
+        model = getattr(model, "module", model)
+        rank = dist.get_rank()
+        reference = transformers.AutoModelForCausalLM.from_pretrained(self.folder) if rank == 0 else None
+        not_equal = []
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                if rank == 0 and not torch.equal(param.data, reference.get_parameter(name)):
+                    not_equal.append(name)
+        if rank == 0:
+            with open(self.path, "w") as f:
+                json.dump({"not_equal": not_equal, "keys": len(list(model.named_parameters())),
+                           "held": sum(p.ds_tensor.numel() for p in model.parameters()),
+                           "total": sum(p.numel() for p in _model("llama").parameters())}, f)
+
+
+@pytest.mark.ray
+def test_zero3_trains_from_a_pretrained_folder(ray_cluster, folders, tmp_path):
+    """Trainer(model_init=from_pretrained) under ZeRO-3 on 2 Ray workers: each built its partitions from its slices
+    of the files, the gathered weights are from_pretrained's when training begins, and the run trains."""
+    pytest.importorskip("deepspeed")
+    import raytrainer
+
+    try:
+        from tests.helpers import lm_examples
+    except ImportError:
+        from helpers import lm_examples
+
+    probe = str(tmp_path / "initial.json")
+    args = raytrainer.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+        save_strategy="no", report_to=[], disable_tqdm=True, seed=42, num_workers=2, strategy="deepspeed",
+        deepspeed={"zero_optimization": {"stage": 3}})
+    trainer = raytrainer.Trainer(
+        model_init=FromPretrained(folders["llama"]),
+        args=args, train_dataset=lm_examples(8), callbacks=[Zero3InitialWeights(folders["llama"], probe)])
+    trainer.train()
+    initial = json.loads(open(probe).read())
+    assert initial["not_equal"] == [] and initial["keys"] > 0
+    assert initial["held"] * 2 == initial["total"]  # rank 0 held its half when training began
+    assert trainer.state.global_step == 2
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

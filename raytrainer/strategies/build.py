@@ -15,6 +15,10 @@ second is the one real build, done here when the strategy shards the weights:
   them from rank 0's reference (`set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`,
   buffers broadcast too). Rank 0 holds one full copy until then; the other ranks never hold more than
   their shard.
+* ZeRO-3, a model_init that calls `from_pretrained(folder)` of safetensors files: the same meta skeleton decides
+  (`sharded_source`); then every rank builds under `deepspeed.zero.Init` with from_pretrained's weight reading
+  swapped out (nothing read, nothing initialised), and fills each parameter's partition with exactly the rows of
+  the files that hold it (pretrained.py `load_zero3_partitions`). Otherwise one warning and the path below.
 * ZeRO-3: rank 0 builds the reference as above; then every rank builds under `deepspeed.zero.Init`
   (transformers' HfDeepSpeedConfig set meanwhile, so a `from_pretrained` / `from_config` inside model_init
   takes its ZeRO-3 path), which allocates one module at a time and partitions its parameters at once.

@@ -1,4 +1,4 @@
-"""Sharded loading: a model_init's `from_pretrained(folder)` under fsdp, each rank reading only its slices.
+"""Sharded loading: a model_init's `from_pretrained(folder)` under fsdp or ZeRO-3, each rank reading its slices.
 
 Without this, rank 0 builds the whole model (reading every weight) and broadcasts it into the shards
 (build.py): at 70B more memory than a node has. Here every rank builds the same meta skeleton, FSDP2 shards
@@ -16,6 +16,11 @@ whose model model_init returns as is, safetensors files in one folder, every sta
 them under its own name with its shape (a tied entry through the tensor it shares), nothing for
 from_pretrained to initialise. Otherwise `sharded_source` says why, and build.py falls back to rank 0's
 full build with one warning.
+
+ZeRO-3 partitions a parameter by its flattened elements (rank r holds [r*size, (r+1)*size), the last padded),
+not by rows: every rank builds under zero.Init with from_pretrained reading nothing (`pretrained_without_weights`),
+then `load_zero3_partitions` reads the rows that hold its range (at most one partial row more at each end) and
+copies the range into the partition zero.Init allocated.
 """
 
 from __future__ import annotations
