@@ -152,7 +152,8 @@ HONOURED: dict[str, str] = {
     "fsdp": 'strategies/fsdp.py: FSDP2 (`fully_shard`) on the Ray workers; selects strategy="fsdp"',
     "fsdp_config": (
         "strategies/fsdp.py: transformer_layer_cls_to_wrap, reshard_after_forward, cpu_offload, "
-        "activation_checkpointing (checkpoints are always sharded DCP plus a consolidated model.safetensors)"
+        "activation_checkpointing, state_dict_type (SHARDED_STATE_DICT, the default: checkpoints hold DCP shards "
+        "only; FULL_STATE_DICT: plus a consolidated model.safetensors)"
     ),
     "deepspeed": (
         'strategies/deepspeed.py: ZeRO 0-3 on the Ray workers, "auto" filled by transformers\' config processing; '

@@ -15,6 +15,7 @@ import logging
 import torch.distributed as dist
 import transformers
 
+from .checkpoint.consolidate import load_dcp_weights, only_dcp_weights
 from .strategies.build import build_sharded, is_skeleton, sharded_kind
 from .strategies.pretrained import meta_build  # a from_pretrained model_init too: it reads headers only
 
@@ -67,6 +68,10 @@ class ModelInitHooks(transformers.Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if model is None and getattr(self, "_sharded_build", None) is not None:
             return  # built shard by shard: the strategy loads the weights into the shards (its load_checkpoint)
+        if only_dcp_weights(resume_from_checkpoint):  # fsdp's shards, no model.safetensors (transformers' need)
+            if model is None and self.args.strategy == "fsdp":
+                return  # the strategy reads its slices of them (FSDPStrategy.load_checkpoint)
+            return load_dcp_weights(model if model is not None else self.model, resume_from_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _move_model_to_device(self, model, device):

@@ -1,6 +1,7 @@
 """FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3 (CPU optimizer offload, the seeds' config) on 2 Ray workers
-(CPU, gloo): each trains the tiny GPT-2 with its loss falling, checkpoints (sharded
-state plus a consolidated model.safetensors), resumes from its mid-run checkpoint to the same final
+(CPU, gloo): each trains the tiny GPT-2 with its loss falling, checkpoints (fsdp: shards only, consolidated
+after the fact by `raytrainer consolidate`; ZeRO: sharded state plus a consolidated model.safetensors;
+consolidated fsdp checkpoints when asked: test_trl.py), resumes from its mid-run checkpoint to the same final
 step and loss, and its final save_model() output loads with from_pretrained and gives the trained
 model's logits. Bad configurations fail on the driver, before any worker starts.
 
@@ -39,6 +40,8 @@ import pytest
 import torch
 
 import raytrainer
+from raytrainer.checkpoint.consolidate import dcp_model_state
+from raytrainer.cli.command import main
 
 try:
     from tests.helpers import lm_examples, run_gloo_ranks, tiny_gpt2
@@ -181,12 +184,11 @@ def test_trains_checkpoints_resumes_and_saves(run, tmp_path):
     trained = losses(run)
     assert run.state.global_step == 8 and len(trained) == 8
     assert sum(trained[-2:]) / 2 < sum(trained[:2]) / 2, trained  # the loss falls
-    # sharded state next to the consolidated weights
-    assert "model.safetensors" in run.files4 and "trainer_state.json" in run.files4
-    if run.name == "fsdp":
-        assert {"model_dcp", "optim_dcp"} <= set(run.files4) and "optimizer.pt" not in run.files4
-    else:
-        assert "global_step4" in run.files4 and "optimizer.pt" not in run.files4
+    assert "trainer_state.json" in run.files4 and "optimizer.pt" not in run.files4
+    if run.name == "fsdp":  # shards only (SHARDED_STATE_DICT, accelerate's FSDP2 default), and the model's config
+        assert {"model_dcp", "optim_dcp", "config.json"} <= set(run.files4) and "model.safetensors" not in run.files4
+    else:  # sharded state next to the consolidated weights
+        assert {"global_step4", "model.safetensors"} <= set(run.files4)
     # resume: same final step; the steps after the checkpoint as the uninterrupted run
     assert run.resumed.state.global_step == 8
     torch.testing.assert_close(losses(run.resumed)[-4:], trained[-4:], rtol=1e-5, atol=0)
@@ -196,8 +198,15 @@ def test_trains_checkpoints_resumes_and_saves(run, tmp_path):
     ids = torch.arange(8).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, run.model.eval()(ids).logits, rtol=0, atol=1e-6)
-    # the checkpoint's consolidated weights load too
-    AutoModelForCausalLM.from_pretrained(os.path.join(run.args.output_dir, "checkpoint-8"))
+    # the checkpoint's weights load too: consolidated by the run, or by `raytrainer consolidate` from fsdp's shards
+    checkpoint = os.path.join(run.args.output_dir, "checkpoint-8")
+    if run.name == "fsdp":
+        assert main(["consolidate", checkpoint, "--output", str(tmp_path / "consolidated")]) == 0
+        checkpoint = str(tmp_path / "consolidated")
+        assert not {"optim_dcp", "model_dcp", "trainer_state.json"} & set(os.listdir(checkpoint))
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, run.model.eval()(ids).logits, rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +293,9 @@ def test_bf16_and_load_best_model_at_end_through_the_sharded_strategies(ray_clus
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     assert trainer.state.global_step == 8 and evals[0] > evals[-1], evals
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
-    best, last = load_file(out / "checkpoint-4" / "model.safetensors"), load_file(out / "checkpoint-8" / "model.safetensors")
+    # fsdp's checkpoints hold shards only: load_best read each rank's slices of them
+    read = dcp_model_state if name == "fsdp" else (lambda folder: load_file(os.path.join(folder, "model.safetensors")))
+    best, last = read(str(out / "checkpoint-4")), read(str(out / "checkpoint-8"))
     final = trainer.model.state_dict()
     for k in best:
         assert torch.equal(final[k].float(), best[k].float()), k

@@ -216,7 +216,9 @@ class PrepareRecordingSFTTrainer(rtrl.SFTTrainer):
 ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
          "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}
 SHARDED = {"zero3": {"deepspeed": ZERO3},
-           "fsdp": {"fsdp": "full_shard auto_wrap", "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}}
+           # consolidated weights in each checkpoint, as asked (by default fsdp's hold shards only: test_strategies.py)
+           "fsdp": {"fsdp": "full_shard auto_wrap", "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                                                   "state_dict_type": "FULL_STATE_DICT"}}}
 # what checkpoint-4 holds besides the consolidated model.safetensors: each strategy's own optimizer state
 SHARDED_FILES = {"fsdp": {"model_dcp", "optim_dcp"}, "zero3": {"global_step4"}}
 

@@ -17,7 +17,8 @@ FINAL_MODEL = "final_model"  # a Ray run's final weights and state in its run fo
 TMP_PREFIX = "tmp-" + PREFIX_CHECKPOINT_DIR
 _NAME = re.compile(r"^" + PREFIX_CHECKPOINT_DIR + r"-(\d+)$")
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
-            "adapter_model.safetensors", "adapter_model.bin")  # a PEFT model's checkpoint holds its adapters only
+            "adapter_model.safetensors", "adapter_model.bin",  # a PEFT model's checkpoint holds its adapters only
+            "model_dcp")  # fsdp's shards, without a consolidated copy (checkpoint/consolidate.py)
 
 
 def checkpoint_step(path: str) -> int | None:

@@ -207,13 +207,14 @@ def _check_relative(folder: str, relative: str) -> None:
                                     f"inside it. {_FIX}")
 
 
-def safe_dcp_load(state_dict: dict, folder: str) -> None:
-    """`dcp.load` with the metadata read by _DcpUnpickler and byte items loaded weights-only."""
+def safe_dcp_load(state_dict: dict, folder: str, no_dist: bool = False) -> None:
+    """`dcp.load` with the metadata read by _DcpUnpickler and byte items loaded weights-only (no_dist: this
+    process reads what state_dict asks for alone, whatever process group exists)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(state_dict, storage_reader=_safe_reader(folder), planner=_safe_planner(folder))
+        dcp.load(state_dict, storage_reader=_safe_reader(folder), planner=_safe_planner(folder), no_dist=no_dist)
     except CheckpointException as e:  # DCP gathers each rank's error: ours is raised as itself, once
         for failure in e.failures.values():
             inner = failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", failure)

@@ -78,12 +78,16 @@ class CheckpointHooks(transformers.Trainer):
             # path, in the foreground, into the folder the writer will complete and rename
             snap.tmp_dir = self._checkpoint_writer.tmp_dir_for(final_dir)
             self.save_model(snap.tmp_dir, _internal_call=True)
-        elif sharded:
+        elif sharded and strategy.full_weights_in_checkpoints():
             # every rank joins the gather; rank 0 gets CPU copies (nothing left for the writer to copy)
             state = strategy.full_state_dict(self.model_wrapped)
             if rank == 0:
                 snap.model_state = state
                 snap.save_model_fn = lambda out_dir, state_dict: self._save(out_dir, state_dict=state_dict)
+        elif sharded and rank == 0:
+            # the weights are the shards below: no gather; config, tokenizer and training args as _save writes them
+            snap.model_state = {}
+            snap.save_model_fn = lambda out_dir, _: self._save_without_weights(out_dir)
         elif rank == 0:
             # self.model is the bare module (DDP wraps model_wrapped). Buffers (e.g. BatchNorm statistics)
             # change in forward: copied now; parameters change only in optimizer.step, so their copy may
@@ -96,27 +100,51 @@ class CheckpointHooks(transformers.Trainer):
         if rank == 0:
             snap.trainer_state_json = state_to_json(state_without_secrets(self.state))
             snap.extra_files[RUN_META] = run_meta(self, self._fit_id, getattr(self, "_lineage", None))
+        if sharded and not (self.args.save_only_model and snap.model_state is not None):
+            snap.tmp_dir = snap.tmp_dir or self._checkpoint_writer.tmp_dir_for(final_dir)
+            self._save_shards(snap, strategy)
         if not self.args.save_only_model:
-            if sharded:
-                # a collective save, in the foreground on every rank, into the folder the writer completes
-                snap.tmp_dir = snap.tmp_dir or self._checkpoint_writer.tmp_dir_for(final_dir)
-                strategy.save_sharded(self.model_wrapped, self.optimizer, snap.tmp_dir, self.state.global_step)
             if rank == 0:
                 snap.optimizer_state = strategy.optimizer_state(self.optimizer) if strategy else \
                     self.optimizer.state_dict()
                 snap.scheduler_state = copy.deepcopy(self.lr_scheduler.state_dict())
                 snap.scaler_state = self._strategy.scaler_state() if self._strategy else None
             snap.rng_state = _rng_state()
-        pending = PendingSave(final_dir=final_dir, run_dir=run_dir)
+        pending = PendingSave(final_dir=final_dir, run_dir=run_dir, background=self._checkpoint_writer.in_background(snap))
         snap.after = lambda _: pending.written.set()
         self._unfinished_saves.append(pending)
-        if self._checkpoint_writer.background:
+        if pending.background:
             # the writer thread copies parameters and optimizer state while the next forward/backward
             # runs; the loop waits for that copy before the next optimizer.step (wait_copied)
             snap.copy_fn = _copy_live_tensors
         else:
             _copy_live_tensors(snap)
         self._checkpoint_writer.save(snap)
+
+    def _save_shards(self, snap: Snapshot, strategy) -> None:
+        """Every rank's shards into the folder the writer completes: staged and written by the writer's thread
+        when the strategy allows it (the loop goes on), else a collective save here, in the foreground."""
+        staged = strategy.sharded_state(self.model_wrapped, self.optimizer)
+        if staged is not None:
+            if self.args.save_only_model:
+                staged.pop("optimizer", None)
+            snap.sharded_state, snap.write_sharded_fn, snap.background = staged, strategy.write_sharded, True
+            return
+        wait = strategy.save_sharded(self.model_wrapped, self.optimizer, snap.tmp_dir, self.state.global_step)
+        if wait is not None:  # the engine writes in the background: the folder is complete once it returns
+            snap.wait_fns.append(wait)
+            snap.background = True
+
+    def _save_without_weights(self, out_dir: str) -> None:
+        """What transformers' _save writes besides the weights (a sharded checkpoint's weights are its shards)."""
+        model = self.model
+        if getattr(model, "config", None) is not None:
+            model.config.save_pretrained(out_dir)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(out_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(out_dir)
+        save_args_without_secrets(self.args, os.path.join(out_dir, TRAINING_ARGS_NAME))
 
     def save_model(self, output_dir=None, _internal_call=False):
         """transformers' save_model; with a sharded strategy (fsdp, deepspeed) every rank must call it:
@@ -152,6 +180,9 @@ class CheckpointHooks(transformers.Trainer):
         """
         while self._unfinished_saves:
             pending = self._unfinished_saves[0]
+            if not block and not self._written_on_every_rank(pending):
+                self._checkpoint_writer.raise_pending()
+                return
             if not pending.written.is_set():
                 if not block:
                     self._checkpoint_writer.raise_pending()
@@ -167,6 +198,17 @@ class CheckpointHooks(transformers.Trainer):
             if self.args.should_save:
                 rotate_checkpoints(output_dir=pending.run_dir, save_total_limit=self.args.save_total_limit,
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    def _written_on_every_rank(self, pending: "PendingSave") -> bool:
+        """On Ray every rank reports a checkpoint at the same step (the report is a barrier): a background write
+        counts as done once it is done on every rank."""
+        if self._ray is None or not pending.background or world_info()[1] == 1:
+            return pending.written.is_set()
+        import torch.distributed as dist
+
+        done = torch.tensor([int(pending.written.is_set())], device=self.args.device)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return bool(done.item())
 
     def _fire_on_save(self, pending: "PendingSave") -> None:
         if self.args.push_to_hub and os.path.isdir(pending.final_dir):  # as transformers' _save_checkpoint
@@ -199,12 +241,13 @@ class CheckpointHooks(transformers.Trainer):
 
     def _load_best_sharded(self, strategy):
         """fsdp / deepspeed: every rank joins; rank 0 reads the best checkpoint's consolidated model.safetensors
-        and the strategy fills the shards (or partitions) from it."""
+        and the strategy fills the shards (or partitions) from it, or every rank reads its slices of the shards."""
         rank, _ = world_info()
-        if rank != 0:
+        if rank != 0 and not strategy.best_read_by_every_rank():
             return strategy.load_best_weights(self, None)
-        logger.info(f"Loading best model from {self.state.best_model_checkpoint} "
-                    f"(score: {self.state.best_metric}).")  # transformers' line
+        if rank == 0:
+            logger.info(f"Loading best model from {self.state.best_model_checkpoint} "
+                        f"(score: {self.state.best_metric}).")  # transformers' line
         with self._best_checkpoint_here() as local:
             strategy.load_best_weights(self, local)
 
@@ -228,6 +271,7 @@ class PendingSave:
 
     final_dir: str
     run_dir: str
+    background: bool = False  # written by the writer's thread (the loop went on)
     written: threading.Event = dataclasses.field(default_factory=threading.Event)
     state: transformers.TrainerState | None = None  # the state at the save, for on_save
 
@@ -254,7 +298,7 @@ class SaveAwareCallbackHandler(transformers.trainer_callback.CallbackHandler):
         # flags it sets act at this step: the loop waits for the write. With no such callback nothing
         # observable changes, and the write stays in the background. A foreground write (Ray workers,
         # save_in_background=False) is complete now: no delay at all.
-        wait = not trainer._checkpoint_writer.background or self.on_save_observed(args)
+        wait = not trainer._unfinished_saves[-1].background or self.on_save_observed(args)
         trainer._finish_saves(block=wait)
         return trainer.control
 
@@ -268,6 +312,10 @@ def _copy_live_tensors(snap: Snapshot) -> None:
     for key, first in (snap.model_aliases or {}).items():
         snap.model_state[key] = snap.model_state[first]
     snap.optimizer_state = to_cpu(snap.optimizer_state)
+    if snap.sharded_state is not None:  # torch's own staging: a CPU copy that keeps each DTensor's placement
+        from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+        snap.sharded_state = BlockingAsyncStager(cache_staged_state_dict=False).stage(snap.sharded_state)
 
 
 def _shared_keys(state: dict) -> dict:

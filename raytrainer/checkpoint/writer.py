@@ -5,7 +5,9 @@ thread writes snapshots in order; it first copies the live parameters and optimi
 `copy_fn`), which the loop does not change before its next optimizer step, where it calls
 `wait_copied()`. So the loop blocks for neither the copy nor the write. `wait()` joins
 outstanding writes: the loop calls it before anything reads checkpoints (rotation, load best,
-resume, end of training).
+resume, end of training). A sharded strategy's shards go the same way (`sharded_state`, staged by the
+copy, written by a collective on every rank's writer thread), also on Ray workers, whose other saves are
+written in the foreground.
 
 The temporary folder is named after its process (leftovers.py): a failed write removes it, and a later
 run removes a dead run's. A complete folder is fsynced to the last directory entry and put in place
@@ -68,6 +70,12 @@ class Snapshot:
     # fills in copies of live tensors; run by the writer thread before anything is written
     copy_fn: Callable[["Snapshot"], None] | None = None
     copied: threading.Event = field(default_factory=threading.Event)
+    # a sharded strategy's live state (strategy.sharded_state), staged by copy_fn, then written by this
+    # collective function on every rank's writer thread
+    sharded_state: dict | None = None
+    write_sharded_fn: Callable[[dict, str], None] | None = None
+    wait_fns: list = field(default_factory=list)  # block until an engine's own background write is complete
+    background: bool | None = None  # None: the writer's setting
 
 
 class CheckpointWriter:
@@ -78,6 +86,7 @@ class CheckpointWriter:
         self._error: BaseException | None = None
         self.blocked_s = 0.0   # time the loop spent in save() (snapshot copy + any synchronous write)
         self.write_s = 0.0     # time spent writing files
+        self.copy_s = 0.0      # time the writer's thread spent copying live tensors before writing
         self.written: list[str] = []
         self._last_copy: threading.Event | None = None
         self._tmp_count = 0
@@ -87,7 +96,8 @@ class CheckpointWriter:
     def save(self, snap: Snapshot) -> None:
         self._raise_pending()
         self._prepared = []  # the snapshot owns its folders now (a failed write removes them)
-        if not self.background:
+        if not self.in_background(snap):
+            self.wait()  # in order: a queued snapshot first
             self._write(snap)
             return
         self._last_copy = snap.copied
@@ -95,6 +105,9 @@ class CheckpointWriter:
             self._thread = threading.Thread(target=self._run, name="raytrainer-checkpoint-writer", daemon=True)
             self._thread.start()
         self._queue.put(snap)
+
+    def in_background(self, snap: Snapshot) -> bool:
+        return self.background if snap.background is None else snap.background
 
     def tmp_dir_for(self, final_dir: str) -> str:
         """A fresh, empty temporary folder next to final_dir (renamed to it once complete), for the save the
@@ -184,11 +197,13 @@ class CheckpointWriter:
                 self._queue.task_done()
 
     def _write(self, snap: Snapshot) -> None:
+        t0 = time.perf_counter()
         try:
             if snap.copy_fn is not None:
                 snap.copy_fn(snap)
         finally:  # set even on error, so the loop never waits forever; the error surfaces in wait()/save()
             snap.copied.set()
+            self.copy_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         tmp = snap.tmp_dir
         try:
@@ -209,6 +224,11 @@ class CheckpointWriter:
 
     @staticmethod
     def _write_files(snap: Snapshot, tmp: str) -> None:
+        if snap.sharded_state is not None:
+            snap.write_sharded_fn(snap.sharded_state, tmp)
+            snap.sharded_state = None  # the staged copy is written: its memory goes now
+        for wait in snap.wait_fns:
+            wait()
         if snap.model_state is not None:
             if snap.save_model_fn is not None:
                 snap.save_model_fn(tmp, snap.model_state)

@@ -4,6 +4,7 @@
     raytrainer sweep --config NAME|PATH [--resume] [--FIELD VALUE ...]    hyperparameter search
     raytrainer configs                                                    list the shipped configs
     raytrainer configs cp NAME [DEST]                                     copy one (and its data) to edit
+    raytrainer consolidate CHECKPOINT [--output DIR]                      full weights from fsdp's shards
     raytrainer --version
 
 Help, the config list and the version never import torch (under 2 s: raytrainer/__init__.py
@@ -58,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "configs":
         return configs(rest)
+    if command == "consolidate":
+        from raytrainer.checkpoint.consolidate import main as consolidate
+
+        return consolidate(rest)
     if command not in ("train", "sweep"):
-        print(f"raytrainer: error: unknown command {command!r} (train, sweep, configs)\n{USAGE}", file=sys.stderr)
+        print(f"raytrainer: error: unknown command {command!r} (train, sweep, configs, consolidate)\n{USAGE}",
+              file=sys.stderr)
         return 2
     if "--help-all" in rest:
         from .config import full_help

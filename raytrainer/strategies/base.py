@@ -11,7 +11,9 @@ Every hook has the single-process / DDP behaviour as its default; FSDP (fsdp.py)
   `zero_grad`: one optimizer step.
 * `sharded`: True when weights or optimizer state are split over ranks. Then `full_state_dict`,
   `save_sharded` and `load_sharded` are collectives every rank must join (checkpoint/save.py calls them on
-  every rank, in the foreground, into the temporary folder the checkpoint writer completes).
+  every rank, in the foreground, into the temporary folder the checkpoint writer completes), and
+  `write_sharded` is one the writer's thread joins on every rank, in checkpoint order, for a strategy whose
+  `sharded_state` lets the loop go on while its shards are written.
 """
 
 from __future__ import annotations
@@ -101,16 +103,36 @@ class Strategy:
         """The optimizer state rank 0 writes as optimizer.pt; None when it is saved sharded instead."""
         return optimizer.state_dict()
 
-    def save_sharded(self, model, optimizer, folder: str, step: int) -> None:
-        """Collective: every rank writes its shard of the weights and optimizer state into `folder`."""
+    def full_weights_in_checkpoints(self) -> bool:
+        """Whether each checkpoint also holds the consolidated model.safetensors (gathered on rank 0). A sharded
+        strategy answers what the user asked for (fsdp_config's state_dict_type, ZeRO-3's gather flag)."""
+        return True
+
+    def sharded_state(self, model, optimizer) -> dict | None:
+        """The live sharded state a background writer stages and then writes with `write_sharded` (the loop
+        does not wait for the write); None: `save_sharded` writes it in the foreground."""
+        return None
+
+    def write_sharded(self, state: dict, folder: str) -> None:
+        """Collective, on the checkpoint writer's thread: write a staged `sharded_state` into `folder`."""
+        raise NotImplementedError
+
+    def save_sharded(self, model, optimizer, folder: str, step: int):
+        """Collective: every rank writes its shard of the weights and optimizer state into `folder`. May return
+        a function that blocks until the files are complete (an engine that writes them in the background);
+        the checkpoint writer calls it before it puts the folder in place."""
 
     def load_checkpoint(self, trainer, folder: str) -> None:
         """Resume: optimizer and scheduler state (the weights were loaded by transformers' train())."""
         trainer._load_optimizer_and_scheduler(folder)
 
+    def best_read_by_every_rank(self) -> bool:
+        """load_best_model_at_end: every rank reads the best checkpoint (its shards), not rank 0 alone."""
+        return False
+
     def load_best_weights(self, trainer, folder: str | None) -> None:
-        """load_best_model_at_end for a sharded strategy, a collective: `folder` (rank 0's local copy of the best
-        checkpoint; None on the other ranks) holds the consolidated model.safetensors every sharded save writes."""
+        """load_best_model_at_end for a sharded strategy, a collective: `folder` is the local copy of the best
+        checkpoint, on rank 0 only (None on the others) unless best_read_by_every_rank."""
         raise NotImplementedError(f"{type(self).__name__} loads the best model through transformers")
 
     def scaler_state(self) -> dict | None:

@@ -19,14 +19,19 @@ What it does:
 * no_sync: `set_requires_gradient_sync(False)` on the micro-steps inside an accumulation window;
 * clipping: `clip_grad_norm_` over the DTensor gradients (the norm is the global one);
 * checkpoints: `model_dcp/` (model) and `optim_dcp/` (optimizer), sharded DCP written by every
-  rank, plus a consolidated `model.safetensors` gathered on rank 0 (`get_model_state_dict(
-  full_state_dict=True, cpu_offload=True)`), so `from_pretrained` and transformers' own resume read
-  it. Not accelerate's folder names (`pytorch_model_fsdp_0/`, `optimizer_0/`): transformers' resume
-  code refuses the first unless its own FSDP plugin is on, and looks for optimizer.pt next to the
-  second. `fsdp_config["state_dict_type"]` is accepted; both forms are always written. DCP reshards
-  on load, so a checkpoint resumes on another worker count (same global batch). A model with frozen
-  parameters (PEFT/LoRA) keeps only its trainable ones in `model_dcp/` (`ignore_frozen_params`): the
-  frozen base comes from the model itself, and transformers' PEFT path writes the adapter files.
+  rank. The loop does not wait for them: the writer's thread stages a CPU copy of this rank's shards
+  (the loop waits for that copy only before its next optimizer step) and writes it with `dcp.save` over
+  a gloo group of its own, so its collectives never interleave with the training's. The consolidated
+  `model.safetensors` (every rank gathering the full weights onto rank 0) is written only when asked:
+  `fsdp_config["state_dict_type"] = "FULL_STATE_DICT"`, as accelerate's FSDP2 plugin (whose default is
+  SHARDED_STATE_DICT). `save_model()`, `final_model/` and load_best_model_at_end still give a
+  `model.safetensors`; `raytrainer consolidate` (checkpoint/consolidate.py) writes one after the fact,
+  and a run resumed without fsdp reads the shards itself. Not accelerate's folder names
+  (`pytorch_model_fsdp_0/`, `optimizer_0/`): transformers' resume code refuses the first unless its own
+  FSDP plugin is on, and looks for optimizer.pt next to the second. DCP reshards on load, so a
+  checkpoint resumes on another worker count (same global batch). A model with frozen parameters
+  (PEFT/LoRA) keeps only its trainable ones in `model_dcp/` (`ignore_frozen_params`): the frozen base
+  comes from the model itself, and transformers' PEFT path writes the adapter files.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ class FSDPStrategy(Strategy):
         super().__init__(device, mixed_precision)
         self.config = dict(fsdp_config or {})
         self.mixed_precision = mixed_precision
+        self._writer_group = None  # the background checkpoint writer's process group (prepare)
 
     # --- setup -------------------------------------------------------------
     def prepare(self, trainer, max_steps):
@@ -111,6 +117,9 @@ class FSDPStrategy(Strategy):
             build.reference = None
         # after sharding: the optimizer must hold the sharded (DTensor) parameters
         trainer.create_optimizer()
+        if trainer.args.save_in_background:  # also on Ray workers, whose other saves are written in the foreground
+            # every rank, in the same order: the writer thread's DCP collectives get a gloo group of their own
+            self._writer_group = dist.new_group(backend="gloo")
         return model
 
     def setup_model(self, model):
@@ -160,6 +169,26 @@ class FSDPStrategy(Strategy):
     def optimizer_state(self, optimizer):
         return None  # in optim_dcp/, sharded
 
+    def full_weights_in_checkpoints(self):
+        return "FULL" in str(self.config.get("state_dict_type", "SHARDED_STATE_DICT")).upper()
+
+    def sharded_state(self, model, optimizer):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        if self._writer_group is None:
+            return None
+        model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
+        return {"model": model_state, "optimizer": optim_state}
+
+    def write_sharded(self, state, folder):
+        import torch.distributed.checkpoint as dcp
+
+        group = self._writer_group
+        dcp.save({"model": state["model"]}, checkpoint_id=os.path.join(folder, MODEL_DIR), process_group=group)
+        if "optimizer" in state:  # not with save_only_model
+            dcp.save({"optimizer": state["optimizer"]}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR),
+                     process_group=group)
+
     def save_sharded(self, model, optimizer, folder, step):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -173,9 +202,11 @@ class FSDPStrategy(Strategy):
 
         model, optimizer = trainer.model_wrapped, trainer.optimizer
         if not os.path.isdir(os.path.join(folder, OPTIMIZER_DIR)):
+            if os.path.isdir(os.path.join(folder, MODEL_DIR)):  # save_only_model: the weights' shards only
+                self._load_model_shards(model, folder)
             # a checkpoint without sharded state (DDP's, transformers'): transformers' train() loaded the
             # weights, unless the model was built shard by shard (then they are loaded into the shards here)
-            if getattr(trainer, "_sharded_build", None) is not None:
+            elif getattr(trainer, "_sharded_build", None) is not None:
                 load_full_weights_fsdp(model, folder)
             return Strategy.load_checkpoint(self, trainer, folder)
         options = _options(model)
@@ -187,8 +218,23 @@ class FSDPStrategy(Strategy):
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
         load_scheduler(trainer, folder)
 
+    def best_read_by_every_rank(self):
+        return not self.full_weights_in_checkpoints()
+
     def load_best_weights(self, trainer, folder):
-        load_full_weights_fsdp(trainer.model_wrapped, folder)  # rank 0 reads, the shards are filled from it
+        if self.best_read_by_every_rank():  # each rank reads its slices of the best checkpoint's shards
+            self._load_model_shards(trainer.model_wrapped, folder)
+        else:
+            load_full_weights_fsdp(trainer.model_wrapped, folder)  # rank 0 reads, the shards are filled from it
+
+    @staticmethod
+    def _load_model_shards(model, folder):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        options = _options(model)
+        model_state = get_model_state_dict(model, options=options)
+        safe_dcp_load({"model": model_state}, os.path.join(folder, MODEL_DIR))
+        set_model_state_dict(model, model_state, options=options)
 
 
 def _options(model):
