@@ -90,7 +90,7 @@ ONE_WORKER_RESUMES = {"fsdp"}  # resumed on 1 worker: DCP reshards the 2-worker 
 
 class KillRank1Once(raytrainer.TrainerCallback):
     """Every rank writes "<rank>:<global step>" to `folder`/starts when training begins (so a test sees
-    where a restarted worker group resumed); rank 1 SIGKILLs itself at `step`, the first time only."""
+    where a restarted worker group resumed); rank 1 SIGKILLs itself at the end of `step`, the first time only."""
 
     def __init__(self, step, folder):
         self.step, self.folder = step, folder
@@ -105,12 +105,13 @@ class KillRank1Once(raytrainer.TrainerCallback):
         import torch.distributed as dist
 
         marker = os.path.join(self.folder, "killed")
-        if state.global_step == self.step and dist.get_rank() == 1 and not os.path.exists(marker):
+        if state.global_step >= self.step and dist.get_rank() == 1 and not os.path.exists(marker):
             import ray.train
 
             # Ray's controller takes a report from a worker's queue when it polls (every 2 s): a worker
             # killed before that loses its last checkpoint. Wait until Ray has committed every report.
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            mode = ray.train.CheckpointConsistencyMode.COMMITTED
+            ray.train.get_all_reported_checkpoints(consistency_mode=mode)
             open(marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
 

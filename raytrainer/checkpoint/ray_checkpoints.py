@@ -105,12 +105,12 @@ class RayCheckpoints:
 
         after = self._after_persist(trainer, pending) if dist.get_rank() == 0 else (lambda: None)
         if self.same_folder:
-            self._report(trainer, pending.final_dir, lambda: None)
+            self._report(pending, lambda: None)
             trainer._fire_on_save(pending)
             after()
         else:
             trainer._fire_on_save(pending)
-            self._report(trainer, pending.final_dir, after)
+            self._report(pending, after)
 
     def _after_persist(self, trainer, pending):
         """Rank 0, once the checkpoint is in storage: tell the driver (PBT), rotate old checkpoints."""
@@ -130,12 +130,13 @@ class RayCheckpoints:
                     self._rotate(best)
         return after
 
-    def _report(self, trainer, local_dir: str, after) -> None:
+    def _report(self, pending, after) -> None:
         import ray.train
 
+        local_dir = pending.final_dir
         name = os.path.basename(local_dir)
-        metrics = {"step": trainer.state.global_step, **trainer._last_metrics}
-        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        # the values at the save: a background write is reported some steps later
+        metrics = {k: v for k, v in pending.metrics.items() if isinstance(v, (int, float, str, bool))}
         checkpoint = ray.train.Checkpoint.from_directory(local_dir)
         # every rank reports the same number of times (Ray's report is a barrier)
         if not self.in_background:

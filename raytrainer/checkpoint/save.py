@@ -110,7 +110,8 @@ class CheckpointHooks(transformers.Trainer):
                 snap.scheduler_state = copy.deepcopy(self.lr_scheduler.state_dict())
                 snap.scaler_state = self._strategy.scaler_state() if self._strategy else None
             snap.rng_state = _rng_state()
-        pending = PendingSave(final_dir=final_dir, run_dir=run_dir, background=self._checkpoint_writer.in_background(snap))
+        pending = PendingSave(final_dir=final_dir, run_dir=run_dir, background=self._checkpoint_writer.in_background(snap),
+                              metrics={"step": self.state.global_step, **self._last_metrics})
         snap.after = lambda _: pending.written.set()
         self._unfinished_saves.append(pending)
         if pending.background:
@@ -201,7 +202,8 @@ class CheckpointHooks(transformers.Trainer):
 
     def _written_on_every_rank(self, pending: "PendingSave") -> bool:
         """On Ray every rank reports a checkpoint at the same step (the report is a barrier): a background write
-        counts as done once it is done on every rank."""
+        counts as done once it is done on every rank. A collective: every rank calls _finish_saves(block=False)
+        at the same points (the loop's step boundaries; on_save, whose callbacks are the same on every rank)."""
         if self._ray is None or not pending.background or world_info()[1] == 1:
             return pending.written.is_set()
         import torch.distributed as dist
@@ -272,6 +274,7 @@ class PendingSave:
     final_dir: str
     run_dir: str
     background: bool = False  # written by the writer's thread (the loop went on)
+    metrics: dict = dataclasses.field(default_factory=dict)  # the latest logged values at the save (Ray's report)
     written: threading.Event = dataclasses.field(default_factory=threading.Event)
     state: transformers.TrainerState | None = None  # the state at the save, for on_save
 

@@ -83,7 +83,7 @@ class CheckpointWriter:
         self.background = background
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._error: tuple[BaseException, str] | None = None  # a background write's, with its checkpoint
         self.blocked_s = 0.0   # time the loop spent in save() (snapshot copy + any synchronous write)
         self.write_s = 0.0     # time spent writing files
         self.copy_s = 0.0      # time the writer's thread spent copying live tensors before writing
@@ -133,7 +133,12 @@ class CheckpointWriter:
         prepared, self._prepared = self._prepared, []
         if not prepared:
             return error
-        return self._failed(prepared[-1][0], [tmp for _, tmp in prepared], error)
+        final_dir = getattr(error, "checkpoint_dir", None) or prepared[-1][0]
+        if self._error is not None:  # an earlier background write failed first (this save then found the disk full)
+            (first, final_dir), self._error = self._error, None
+            error.__context__ = first
+        # a background write's error is about the checkpoint that write was for
+        return self._failed(final_dir, [tmp for _, tmp in prepared], error)
 
     def _failed(self, final_dir: str, tmps: list[str], error: BaseException, snap: "Snapshot | None" = None):
         parent = os.path.dirname(os.path.normpath(final_dir))
@@ -181,8 +186,10 @@ class CheckpointWriter:
     # ------------------------------------------------------------------ internals
     def _raise_pending(self) -> None:
         if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError(f"writing a checkpoint failed: {err}") from err
+            (err, final_dir), self._error = self._error, None
+            error = RuntimeError(f"writing a checkpoint failed: {err}")
+            error.checkpoint_dir = final_dir
+            raise error from err
 
     def _run(self) -> None:
         while True:
@@ -192,7 +199,7 @@ class CheckpointWriter:
                     return
                 self._write(snap)
             except BaseException as e:  # surfaced on the loop's next save() or wait()
-                self._error = e
+                self._error = (e, snap.final_dir)
             finally:
                 self._queue.task_done()
 
