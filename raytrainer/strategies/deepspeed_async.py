@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -40,6 +41,7 @@ class StagedCheckpointEngine:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="raytrainer-ds-write")
         self._staged: list[Future] = []
         self._written: list[Future] = []
+        self.stage_wait_s = 0.0  # the loop's time in wait_staged (benchmarks/sharded_checkpoint.py counts it)
 
     # --- DeepSpeed's interface -------------------------------------------------
     def create(self, info):
@@ -86,8 +88,10 @@ class StagedCheckpointEngine:
     def wait_staged(self) -> None:
         """Block until every tensor handed to save() is copied (before anything changes them: engine.step)."""
         staged, self._staged = self._staged, []
+        t0 = time.perf_counter()
         for future in staged:
             future.result()
+        self.stage_wait_s += time.perf_counter() - t0
 
     def take_wait(self):
         """A function that blocks until the files of the saves since the last call are written and fsynced
