@@ -17,7 +17,10 @@ The ratio blocked / checkpoint is the issue's target (<= 0.10). Configurations:
   (foreground DCP shards plus the full weights gathered on rank 0);
 - `fsdp-full`: background shards, plus the gather that FULL_STATE_DICT asks for;
 - `fsdp`: the defaults: background shards only;
-- `zero3`: DeepSpeed ZeRO-3 (benchmarks/strategies.py's config), as its strategy writes it.
+- `zero3-before`: the earlier ZeRO-3 behaviour: `save_in_background=False` and the weights gathered into each
+  checkpoint (`stage3_gather_16bit_weights_on_model_save`);
+- `zero3`: DeepSpeed ZeRO-3 (benchmarks/strategies.py's config), as its strategy writes it: DeepSpeed's state
+  only, staged and written by threads (strategies/deepspeed_async.py).
 
     python benchmarks/sharded_checkpoint.py --model 50m            # ~6-8 minutes on 2 cores
     python benchmarks/sharded_checkpoint.py --only fsdp fsdp-before --steps 6
@@ -47,6 +50,8 @@ CONFIGS = {
                         fsdp_config=dict(FSDP["fsdp_config"], state_dict_type="FULL_STATE_DICT")),
     "fsdp-full": dict(fsdp=FSDP["fsdp"], fsdp_config=dict(FSDP["fsdp_config"], state_dict_type="FULL_STATE_DICT")),
     "fsdp": dict(FSDP),
+    "zero3-before": dict(save_in_background=False, deepspeed={"zero_optimization": dict(
+        STRATEGIES["zero3"]["deepspeed"]["zero_optimization"], stage3_gather_16bit_weights_on_model_save=True)}),
     "zero3": dict(STRATEGIES["zero3"]),
 }
 
@@ -64,8 +69,12 @@ class CountingTrainer(raytrainer.Trainer):
             import torch.distributed as dist
 
             # the first blocking call is the end of training: its wait for the last write is not the loop's
-            record = {"blocked_s": before, "end_wait_s": w.blocked_s - before, "copy_s": w.copy_s, "write_s": w.write_s,
-                      "written": len(w.written)}
+            # DeepSpeed's staged engine: the loop's wait for its copy before engine.step (deepspeed_async.py), blocked
+            # time too (and part of its write, which write_s counts already)
+            staged = getattr(getattr(self, "_strategy", None), "_staged", None)
+            stage_wait = staged.stage_wait_s if staged is not None else 0.0
+            record = {"blocked_s": before + stage_wait, "end_wait_s": w.blocked_s - before, "copy_s": w.copy_s,
+                      "write_s": w.write_s, "written": len(w.written), "stage_wait_s": stage_wait}
             with open(os.path.join(self.record_dir, f"rank{dist.get_rank()}.json"), "w") as f:
                 json.dump(record, f)
 
@@ -94,7 +103,7 @@ def run(name: str, work: str, size: str, steps: int, save_every: int, per_device
     for r in ranks:
         # in the foreground the save call is blocked time and includes the whole write; in the background the
         # writer's copy and write come on top of the save call
-        checkpoint = r["blocked_s"] + r["end_wait_s"] + r["copy_s"] + r["write_s"]
+        checkpoint = r["blocked_s"] - r.get("stage_wait_s", 0.0) + r["end_wait_s"] + r["copy_s"] + r["write_s"]
         per_rank.append({**r, "blocked_per_save_s": r["blocked_s"] / saves, "checkpoint_per_save_s": checkpoint / saves,
                          "ratio": r["blocked_s"] / checkpoint if checkpoint else None})
     last = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-"))[-1]
@@ -125,7 +134,7 @@ def main():
     work = tempfile.mkdtemp(prefix="rt-bench-ckpt-")
     results = {}
     for name in opts.only:
-        if name == "zero3" and not _has_deepspeed():
+        if name.startswith("zero3") and not _has_deepspeed():
             print("zero3: skipped (DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed)")
             continue
         results[name] = run(name, work, opts.model, opts.steps, opts.save_every, opts.per_device,

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import transformers
 
 from .checkpoint.consolidate import load_dcp_weights, only_dcp_weights
+from .checkpoint.consolidate_ds import load_deepspeed_weights, only_deepspeed_weights
 from .strategies.build import build_sharded, is_skeleton, sharded_kind
 from .strategies.pretrained import meta_build  # a from_pretrained model_init too: it reads headers only
 
@@ -72,6 +73,10 @@ class ModelInitHooks(transformers.Trainer):
             if model is None and self.args.strategy == "fsdp":
                 return  # the strategy reads its slices of them (FSDPStrategy.load_checkpoint)
             return load_dcp_weights(model if model is not None else self.model, resume_from_checkpoint)
+        if only_deepspeed_weights(resume_from_checkpoint):  # ZeRO-3 state without its gathered weights
+            if model is None and self.args.strategy == "deepspeed":
+                return  # DeepSpeed's load_checkpoint restores them (DeepSpeedStrategy.load_checkpoint)
+            return load_deepspeed_weights(model if model is not None else self.model, resume_from_checkpoint)
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _move_model_to_device(self, model, device):

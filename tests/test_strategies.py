@@ -1,7 +1,8 @@
 """FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3 (CPU optimizer offload, the seeds' config) on 2 Ray workers
 (CPU, gloo): each trains the tiny GPT-2 with its loss falling, checkpoints (fsdp: shards only, consolidated
-after the fact by `raytrainer consolidate`; ZeRO: sharded state plus a consolidated model.safetensors;
-consolidated fsdp checkpoints when asked: test_trl.py), resumes from its mid-run checkpoint to the same final
+after the fact by `raytrainer consolidate`; ZeRO-2: sharded state plus a consolidated model.safetensors;
+ZeRO-3: sharded state only, as transformers without stage3_gather_16bit_weights_on_model_save; consolidated
+fsdp and ZeRO-3 checkpoints when asked: test_trl.py), resumes from its mid-run checkpoint to the same final
 step and loss, and its final save_model() output loads with from_pretrained and gives the trained
 model's logits. Bad configurations fail on the driver, before any worker starts.
 
@@ -41,6 +42,7 @@ import torch
 
 import raytrainer
 from raytrainer.checkpoint.consolidate import dcp_model_state
+from raytrainer.checkpoint.consolidate_ds import consolidate_deepspeed
 from raytrainer.cli.command import main
 
 try:
@@ -188,8 +190,10 @@ def test_trains_checkpoints_resumes_and_saves(run, tmp_path):
     assert "trainer_state.json" in run.files4 and "optimizer.pt" not in run.files4
     if run.name == "fsdp":  # shards only (SHARDED_STATE_DICT, accelerate's FSDP2 default), and the model's config
         assert {"model_dcp", "optim_dcp", "config.json"} <= set(run.files4) and "model.safetensors" not in run.files4
-    else:  # sharded state next to the consolidated weights
+    elif run.name == "zero2":  # sharded state next to the consolidated weights (rank 0's module is whole)
         assert {"global_step4", "model.safetensors"} <= set(run.files4)
+    else:  # ZeRO-3: DeepSpeed's state only (stage3_gather_16bit_weights_on_model_save is false by default)
+        assert {"global_step4", "config.json"} <= set(run.files4) and "model.safetensors" not in run.files4
     # resume: same final step; the steps after the checkpoint as the uninterrupted run
     assert run.resumed.state.global_step == 8
     torch.testing.assert_close(losses(run.resumed)[-4:], trained[-4:], rtol=1e-5, atol=0)
@@ -199,12 +203,14 @@ def test_trains_checkpoints_resumes_and_saves(run, tmp_path):
     ids = torch.arange(8).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, run.model.eval()(ids).logits, rtol=0, atol=1e-6)
-    # the checkpoint's weights load too: consolidated by the run, or by `raytrainer consolidate` from fsdp's shards
+    # the checkpoint's weights load too: consolidated by the run (ZeRO-2), or by `raytrainer consolidate` from
+    # fsdp's shards or ZeRO-3's fp32 partitions (consolidate_ds.py)
     checkpoint = os.path.join(run.args.output_dir, "checkpoint-8")
-    if run.name == "fsdp":
+    if run.name in ("fsdp", "zero3_offload"):
         assert main(["consolidate", checkpoint, "--output", str(tmp_path / "consolidated")]) == 0
         checkpoint = str(tmp_path / "consolidated")
-        assert not {"optim_dcp", "model_dcp", "trainer_state.json"} & set(os.listdir(checkpoint))
+        assert not {"optim_dcp", "model_dcp", "trainer_state.json", "global_step8", "latest"} & set(
+            os.listdir(checkpoint))
     loaded = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, run.model.eval()(ids).logits, rtol=0, atol=1e-6)
@@ -276,8 +282,6 @@ def test_bf16_and_load_best_model_at_end_through_the_sharded_strategies(ray_clus
     in bf16, and the losses stay within rtol 1e-3 of the fp32 DDP run's (measured 1.0e-4 fsdp, 4.1e-5
     ZeRO-3). eval_loss with greater_is_better=True makes the first evaluation's checkpoint-4 the best (the
     loss falls): the final model is checkpoint-4's weights, not the last step's, as transformers' would be."""
-    from safetensors.torch import load_file
-
     if name.startswith("zero"):
         pytest.importorskip("deepspeed", reason="DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed")
     out = tmp_path / "run"
@@ -294,8 +298,8 @@ def test_bf16_and_load_best_model_at_end_through_the_sharded_strategies(ray_clus
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     assert trainer.state.global_step == 8 and evals[0] > evals[-1], evals
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
-    # fsdp's checkpoints hold shards only: load_best read each rank's slices of them
-    read = dcp_model_state if name == "fsdp" else (lambda folder: load_file(os.path.join(folder, "model.safetensors")))
+    # fsdp's and ZeRO-3's checkpoints hold shards only: load_best read each rank's part of them
+    read = dcp_model_state if name == "fsdp" else consolidate_deepspeed  # (bf16 is autocast: fp32 weights)
     best, last = read(str(out / "checkpoint-4")), read(str(out / "checkpoint-8"))
     final = trainer.model.state_dict()
     for k in best:

@@ -213,7 +213,9 @@ class PrepareRecordingSFTTrainer(rtrl.SFTTrainer):
         return super()._prepare_dataset(*args, **kwargs)
 
 
-ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+# stage3_gather_16bit_weights_on_model_save: consolidated weights in each checkpoint, as asked (as transformers)
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+         "train_micro_batch_size_per_gpu": "auto",
          "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}
 SHARDED = {"zero3": {"deepspeed": ZERO3},
            # consolidated weights in each checkpoint, as asked (by default fsdp's hold shards only: test_strategies.py)

@@ -14,13 +14,14 @@ import shutil
 import sys
 import warnings
 
+from .consolidate_ds import consolidate_deepspeed, only_deepspeed_weights
 from .pickle_check import read_dcp_metadata, safe_dcp_load
 
 MODEL_DCP = "model_dcp"
 WEIGHTS = "model.safetensors"
 # what a checkpoint holds besides the model files: left out of a consolidated copy
 _TRAINING_STATE = ("optim_dcp", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin",
-                   "raytrainer_run.pt", MODEL_DCP)
+                   "raytrainer_run.pt", MODEL_DCP, "latest", "zero_to_fp32.py")
 
 
 def has_dcp_weights(checkpoint_dir: str) -> bool:
@@ -74,12 +75,19 @@ def consolidate(checkpoint_dir: str, output_dir: str | None = None) -> str:
     checkpoint itself), with the checkpoint's config and tokenizer files; returns the weights file's path."""
     from safetensors.torch import save_file
 
-    if not has_dcp_weights(checkpoint_dir):
+    if only_deepspeed_weights(checkpoint_dir):  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save
+        state, seen = {}, set()
+        for name, tensor in consolidate_deepspeed(checkpoint_dir).items():
+            if id(tensor) not in seen:  # a tied weight once, as save_pretrained writes it
+                state[name] = tensor
+                seen.add(id(tensor))
+    elif not has_dcp_weights(checkpoint_dir):
         if os.path.isfile(os.path.join(checkpoint_dir, WEIGHTS)):
             raise ValueError(f"{checkpoint_dir} holds consolidated weights already ({WEIGHTS})")
         raise ValueError(f"{checkpoint_dir}: no sharded weights to consolidate ({MODEL_DCP}/.metadata); "
                          "give a checkpoint-<step> folder written under fsdp")
-    state = dcp_model_state(checkpoint_dir)
+    else:
+        state = dcp_model_state(checkpoint_dir)
     output_dir = output_dir or checkpoint_dir
     os.makedirs(output_dir, exist_ok=True)
     if os.path.abspath(output_dir) != os.path.abspath(checkpoint_dir):

@@ -15,6 +15,10 @@ second is the one real build, done here when the strategy shards the weights:
   them from rank 0's reference (`set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`,
   buffers broadcast too). Rank 0 holds one full copy until then; the other ranks never hold more than
   their shard.
+* ZeRO-3, a model_init that calls `from_pretrained(folder)` of safetensors files: the same meta skeleton decides
+  (`sharded_source`); then every rank builds under `deepspeed.zero.Init` with from_pretrained's weight reading
+  swapped out (nothing read, nothing initialised), and fills each parameter's partition with exactly the rows of
+  the files that hold it (pretrained.py `load_zero3_partitions`). Otherwise one warning and the path below.
 * ZeRO-3: rank 0 builds the reference as above; then every rank builds under `deepspeed.zero.Init`
   (transformers' HfDeepSpeedConfig set meanwhile, so a `from_pretrained` / `from_config` inside model_init
   takes its ZeRO-3 path), which allocates one module at a time and partitions its parameters at once.
@@ -41,7 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from .deepspeed_config import deepspeed_config, zero_stage
-from .pretrained import meta_build, sharded_source
+from .pretrained import load_zero3_partitions, meta_build, pretrained_without_weights, sharded_source
 
 logger = logging.getLogger("raytrainer")
 
@@ -58,8 +62,8 @@ class ShardedBuild:
 
     kind: str                                   # "fsdp" or "zero3"
     reference: torch.nn.Module | None = None    # fsdp, rank 0: the real model, until the shards are filled
-    source: object = None                       # fsdp: a PretrainedSource, the shards are read from its files
-    loaded: dict | None = None                  # fsdp from a source: this rank's bytes read / the files' bytes
+    source: object = None                       # a PretrainedSource: the shards are read from its files
+    loaded: dict | None = None                  # from a source: this rank's bytes read / the files' bytes
 
 
 def sharded_kind(args) -> str | None:
@@ -75,14 +79,7 @@ def build_sharded(trainer, build, kind: str):
     """The model a worker trains, built as its shard (see the module's docstring). `build()` runs model_init."""
     if kind == "fsdp":
         return build_fsdp(trainer, build)
-    rank = dist.get_rank()
-    reference = build() if rank == 0 else None  # right after transformers' set_seed, as an unsharded build
-    rng = broadcast_object(rng_state() if rank == 0 else None)
-    model = zero3_build(trainer.args, build)
-    fill_zero3(model, reference)
-    set_rng_state(rng)
-    trainer._sharded_build = ShardedBuild(kind)
-    return model
+    return build_zero3(trainer, build)
 
 
 # ------------------------------------------------------------------------------------------ FSDP
@@ -136,6 +133,40 @@ def zero3_config(args) -> dict:
         return value
 
     return no_auto(deepspeed_config(args, dist.get_world_size()))
+
+
+def build_zero3(trainer, build):
+    """Every rank's partitions, read from the pretrained files slice by slice (a from_pretrained model_init that
+    allows it), else filled from rank 0's real build."""
+    rank = dist.get_rank()
+    start = rng_state()  # right after transformers' set_seed
+    skeleton, calls = meta_build(build)  # headers only: is the model sharded-loadable?
+    source, why = sharded_source(skeleton, calls)
+    offload = ((zero3_config(trainer.args).get("zero_optimization") or {}).get("offload_param") or {}).get("device")
+    if source is not None and str(offload).lower() == "nvme":
+        source, why = None, "parameters are offloaded to NVMe"
+    if source is not None:
+        with pretrained_without_weights() as built:
+            model = zero3_build(trainer.args, build)
+        if built != [model]:  # the skeleton's build made one from_pretrained call returned as is; this one must too
+            raise RuntimeError(f"model_init built {len(built)} pretrained models under ZeRO-3, its skeleton one")
+        loaded = load_zero3_partitions(model, source, skeleton)
+        set_rng_state(start)  # from_pretrained of complete files draws nothing
+        set_rng_state(broadcast_object(rng_state() if rank == 0 else None))
+        trainer._sharded_build = ShardedBuild("zero3", source=source, loaded=loaded)
+        return model
+    if calls and rank == 0:
+        logger.warning("raytrainer: ZeRO-3: rank 0 reads the whole pretrained model and fills every rank's partitions "
+                       "from it (no sharded loading: %s)", why)
+    del skeleton
+    set_rng_state(start)
+    reference = build() if rank == 0 else None  # right after transformers' set_seed, as an unsharded build
+    rng = broadcast_object(rng_state() if rank == 0 else None)
+    model = zero3_build(trainer.args, build)
+    fill_zero3(model, reference)
+    set_rng_state(rng)
+    trainer._sharded_build = ShardedBuild("zero3")
+    return model
 
 
 def zero3_build(args, build):

@@ -27,8 +27,13 @@ by that step, read when the step's logs are written). The scheduler is transform
 optimizer DeepSpeed steps, unless the config has a "scheduler" (then the engine steps it).
 
 Checkpoints: `engine.save_checkpoint(folder, tag="global_step<N>")` by every rank (each writes its
-optimizer partitions), plus the consolidated weights (ZeRO-3: gathered layer by layer on rank 0;
-ZeRO-0/1/2: rank 0's module) as `model.safetensors`. A model with frozen parameters (PEFT/LoRA)
+optimizer partitions), through a checkpoint engine that copies the state in a thread and writes it in
+another (deepspeed_async.py, with save_in_background): the loop goes on, and the checkpoint writer waits for
+the files before it puts the folder in place. The consolidated weights as `model.safetensors` (ZeRO-0/1/2:
+rank 0's module) are in every checkpoint, except under ZeRO-3 where, as in transformers, they are gathered
+(layer by layer on rank 0) only with `stage3_gather_16bit_weights_on_model_save: true`; otherwise resume and
+load_best read the DeepSpeed state, and `consolidate_deepspeed` (checkpoint/consolidate_ds.py) rebuilds the
+weights after the fact. A model with frozen parameters (PEFT/LoRA)
 saves only its trainable ones in DeepSpeed's state (`exclude_frozen_parameters`): the frozen base
 comes from the model itself on resume, and transformers' PEFT path writes the adapter files.
 
@@ -52,7 +57,8 @@ from ..checkpoint.pickle_check import check_checkpoint_pickles, deepspeed_tag, s
 from ..redact import redact
 from .base import load_scheduler, Strategy
 from .build import load_full_weights_zero3, read_full_weights
-from .deepspeed_config import check_checkpoint_world_size, deepspeed_config
+from .deepspeed_async import install
+from .deepspeed_config import check_checkpoint_world_size, deepspeed_config, gather_16bit_on_save, zero_stage
 
 logger = logging.getLogger("raytrainer")
 
@@ -66,6 +72,8 @@ class DeepSpeedStrategy(Strategy):
         super().__init__(device, "no")  # DeepSpeed scales fp16 losses itself
         self.args = args
         self.engine = None
+        self._staged = None  # the background checkpoint engine (deepspeed_async.py), once prepared
+        self.stage = zero_stage(args) if args is not None else 0
         self.own_scheduler = False
         self._norm = None
 
@@ -93,6 +101,8 @@ class DeepSpeedStrategy(Strategy):
             trainer.lr_scheduler = scheduler
             self.own_scheduler = True
         engine.set_gradient_accumulation_boundary(True)
+        # checkpoints in the background (deepspeed_async.py); also on Ray workers, whose other saves are foreground
+        self._staged = install(engine) if trainer.args.save_in_background else None
         return engine
 
     def unwrap(self, model):
@@ -119,6 +129,8 @@ class DeepSpeedStrategy(Strategy):
         return self.clip_grad_norm(model, optimizer, 0.0)
 
     def optimizer_step(self, optimizer):
+        if self._staged is not None:
+            self._staged.wait_staged()  # a checkpoint's copy of the optimizer partitions, before step changes them
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         if self._norm is not None and norm is not None:
@@ -145,7 +157,18 @@ class DeepSpeedStrategy(Strategy):
     def optimizer_state(self, optimizer):
         return None  # in global_step<N>/, one file per rank
 
+    def full_weights_in_checkpoints(self):
+        """As transformers: a ZeRO-3 checkpoint holds the gathered weights only with
+        `stage3_gather_16bit_weights_on_model_save` (DeepSpeed's default: false); ZeRO-0/1/2 always (rank 0's
+        module is whole, nothing to gather)."""
+        return self.stage != 3 or gather_16bit_on_save(self.args)
+
+    def best_read_by_every_rank(self):
+        return not self.full_weights_in_checkpoints()
+
     def save_sharded(self, model, optimizer, folder, step):
+        """DeepSpeed's save_checkpoint (collective). With the staged engine it returns once the state is handed
+        over, and gives the function that waits for the files (the checkpoint writer calls it)."""
         # frozen weights (a PEFT model's base) are not state: the model rebuilds them on resume
         # DeepSpeed pickles its config into every state file (ds_config): the saved copy is redacted
         config = self.engine.config
@@ -154,6 +177,9 @@ class DeepSpeedStrategy(Strategy):
             self.engine.save_checkpoint(folder, tag=f"global_step{step}", exclude_frozen_parameters=self._frozen())
         finally:
             self.engine.config = config
+        if self.engine.checkpoint_engine.is_decoupled():  # the user's decoupled writer: complete before the rename
+            self.engine._commit_decoupled_checkpoint()
+        return self._staged.take_wait() if self._staged is not None else None
 
     def _frozen(self) -> bool:
         return any(not p.requires_grad for p in self.engine.module.parameters())
@@ -184,6 +210,16 @@ class DeepSpeedStrategy(Strategy):
 
     def load_best_weights(self, trainer, folder):
         module = self.engine.module
+        if self.best_read_by_every_rank():  # no model.safetensors: every rank reads its DeepSpeed state, as transformers
+            tag = deepspeed_tag(folder)
+            if tag is None:
+                raise ValueError(f"load_best_model_at_end: {folder} has no DeepSpeed state (global_step*/) to load")
+            self.engine.checkpoint_engine.load = safe_deepspeed_load  # weights-only, as in load_checkpoint
+            path, _ = self.engine.load_checkpoint(folder, tag=tag, load_module_strict=not self._frozen(),
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+            if path is None:
+                raise ValueError(f"DeepSpeed could not load the best checkpoint {folder}")
+            return
         if self.stage == 3:  # partitioned parameters: gathered one at a time, rank 0's values kept
             load_full_weights_zero3(module, folder)
             return

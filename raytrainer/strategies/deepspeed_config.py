@@ -120,6 +120,13 @@ def check_checkpoint_world_size(args, folder: str, world_size: int, fs=None) -> 
     )
 
 
+def gather_16bit_on_save(args) -> bool:
+    """ZeRO-3's `stage3_gather_16bit_weights_on_model_save` (also accepted under its old name), default false."""
+    zero = load_config(args.deepspeed).get("zero_optimization", {})
+    value = zero.get("stage3_gather_16bit_weights_on_model_save", zero.get("stage3_gather_fp16_weights_on_model_save"))
+    return str(value).lower() in ("true", "1") if not isinstance(value, bool) else value
+
+
 def zero_stage(args) -> int:
     return int(load_config(args.deepspeed).get("zero_optimization", {}).get("stage", 0))
 

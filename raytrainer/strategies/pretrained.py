@@ -1,4 +1,4 @@
-"""Sharded loading: a model_init's `from_pretrained(folder)` under fsdp, each rank reading only its slices.
+"""Sharded loading: a model_init's `from_pretrained(folder)` under fsdp or ZeRO-3, each rank reading its slices.
 
 Without this, rank 0 builds the whole model (reading every weight) and broadcasts it into the shards
 (build.py): at 70B more memory than a node has. Here every rank builds the same meta skeleton, FSDP2 shards
@@ -16,6 +16,11 @@ whose model model_init returns as is, safetensors files in one folder, every sta
 them under its own name with its shape (a tied entry through the tensor it shares), nothing for
 from_pretrained to initialise. Otherwise `sharded_source` says why, and build.py falls back to rank 0's
 full build with one warning.
+
+ZeRO-3 partitions a parameter by its flattened elements (rank r holds [r*size, (r+1)*size), the last padded),
+not by rows: every rank builds under zero.Init with from_pretrained reading nothing (`pretrained_without_weights`),
+then `load_zero3_partitions` reads the rows that hold its range (at most one partial row more at each end) and
+copies the range into the partition zero.Init allocated.
 """
 
 from __future__ import annotations
@@ -216,3 +221,106 @@ def _nbytes(lengths, dtype) -> int:
     for length in lengths:
         n *= int(length)
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+# ------------------------------------------------------------------------------------------ ZeRO-3
+@contextlib.contextmanager
+def pretrained_without_weights():
+    """While active, `PreTrainedModel.from_pretrained` under ZeRO-3 (transformers' zero.Init path) builds its
+    partitioned model and reads no weight: every entry is marked initialised (so nothing is drawn or gathered
+    to initialise it) and `load_zero3_partitions` fills the partitions from the files afterwards.
+    Yields the list of models built."""
+    from transformers import PreTrainedModel
+    from transformers.utils.loading_report import LoadStateDictInfo
+
+    built: list = []
+    load = PreTrainedModel.__dict__["_load_pretrained_model"]
+
+    def no_load(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        built.append(model)
+        for tensor in model.state_dict(keep_vars=True).values():
+            tensor._is_hf_initialized = True
+        # sharded_source read the same files' headers on the skeleton: no key missing, unexpected or mismatched
+        return LoadStateDictInfo(missing_keys=set(), unexpected_keys=set(), mismatched_keys=set(), error_msgs=[],
+                                 conversion_errors={}, skipped_pp_keys=set()), None
+
+    PreTrainedModel._load_pretrained_model = staticmethod(no_load)
+    try:
+        yield built
+    finally:
+        PreTrainedModel._load_pretrained_model = load
+
+
+def load_zero3_partitions(model, source: PretrainedSource, skeleton) -> dict:
+    """Into every ZeRO-3 parameter's partition (`ds_tensor`: elements [rank*size, (rank+1)*size) of the
+    flattened tensor), exactly its slice of the files: the rows that hold it (`get_slice(name)[r0:r1]`, at most
+    one partial row more at each end). Persistent buffers are read whole (ZeRO-3 does not partition them);
+    non-persistent ones are the skeleton's (from_pretrained computed them). Returns this rank's bytes read."""
+    from deepspeed import comm
+    from safetensors import safe_open
+
+    state = model.state_dict(keep_vars=True)
+    file_of = _file_of_keys(source.files)
+    key_of: dict[int, str] = {}  # a tied parameter is read once, through a name the files hold
+    for key, tensor in state.items():
+        if key in file_of:
+            key_of.setdefault(id(tensor), key)
+    reads: dict[str, list] = {}
+    for _, param in model.named_parameters():
+        reads.setdefault(file_of[key_of[id(param)]], []).append((key_of[id(param)], param))
+    skeleton_buffers = dict(skeleton.named_buffers())
+    buffers = []
+    for name, buf in model.named_buffers():
+        if name in file_of:
+            reads.setdefault(file_of[name], []).append((name, buf))
+        else:
+            buffers.append((name, buf))
+    bytes_read = 0
+    with torch.no_grad():
+        for path, items in reads.items():
+            with _open(safe_open, path) as f:
+                for key, tensor in items:
+                    if hasattr(tensor, "ds_tensor"):
+                        rank = comm.get_rank(group=tensor.ds_process_group)
+                        bytes_read += _read_partition(f, key, tensor.ds_tensor, tensor.ds_numel, rank)
+                    else:
+                        value = f.get_tensor(key)
+                        bytes_read += value.numel() * value.element_size()
+                        tensor.copy_(value)
+        for name, buf in buffers:
+            buf.copy_(skeleton_buffers[name])
+    total = sum(t.numel() * t.element_size() for t in header_tensors(source.files).values())
+    logger.info("raytrainer: ZeRO-3 sharded loading: this rank read %.1f of the %.1f MB in %s", bytes_read / 2**20,
+                total / 2**20, source.folder)
+    return {"bytes_read": bytes_read, "bytes_total": total}
+
+
+def _read_partition(f, key: str, partition: torch.Tensor, numel: int, rank: int) -> int:
+    """Elements [rank*size, rank*size + size) of `key` flattened (size = the partition's; the last rank's is
+    padded past numel) into `partition`, reading only the rows that hold them. Returns the bytes read."""
+    size = partition.numel()
+    start, end = rank * size, min((rank + 1) * size, numel)
+    if end <= start:
+        return 0  # more ranks than elements: this partition is padding only
+    view = f.get_slice(key)
+    shape = view.get_shape()
+    if not shape:
+        flat, offset = f.get_tensor(key).reshape(-1), start
+    else:
+        row = 1
+        for length in shape[1:]:
+            row *= int(length)
+        first, last = start // row, -(-end // row)
+        flat, offset = view[first:last].reshape(-1), start - first * row
+    partition[: end - start].copy_(flat[offset: offset + end - start])
+    return flat.numel() * flat.element_size()
+
+
+def _file_of_keys(files: list[str]) -> dict[str, str]:
+    from safetensors import safe_open
+
+    out = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            out.update(dict.fromkeys(f.keys(), path))
+    return out
