@@ -76,3 +76,18 @@ def test_a_run_resumed_without_fsdp_reads_the_shards(checkpoint, tmp_path):
     resumed = run(tmp_path / "resumed", resume=path)
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_a_shards_only_checkpoint_counts_as_complete(checkpoint, tmp_path):
+    """resume_from_checkpoint=True and the writer's space estimate find checkpoints by their weights: fsdp's
+    model_dcp/ and ZeRO-3's state (its `latest` tag file) count as weights when no model.safetensors is there."""
+    from raytrainer.checkpoint import complete_checkpoints
+
+    path, _, _ = checkpoint
+    assert path in complete_checkpoints(os.path.dirname(path))
+    zero3 = tmp_path / "checkpoint-6"
+    (zero3 / "global_step6").mkdir(parents=True)
+    (zero3 / "trainer_state.json").write_text("{}")
+    assert complete_checkpoints(str(tmp_path)) == []  # DeepSpeed state without its tag file: not a checkpoint
+    (zero3 / "latest").write_text("global_step6")
+    assert complete_checkpoints(str(tmp_path)) == [str(zero3)]

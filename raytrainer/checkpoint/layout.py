@@ -18,7 +18,8 @@ TMP_PREFIX = "tmp-" + PREFIX_CHECKPOINT_DIR
 _NAME = re.compile(r"^" + PREFIX_CHECKPOINT_DIR + r"-(\d+)$")
 _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
             "adapter_model.safetensors", "adapter_model.bin",  # a PEFT model's checkpoint holds its adapters only
-            "model_dcp")  # fsdp's shards, without a consolidated copy (checkpoint/consolidate.py)
+            "model_dcp",  # fsdp's shards, without a consolidated copy (checkpoint/consolidate.py)
+            "latest")  # ZeRO-3's state without its gathered weights (DeepSpeed's tag file; consolidate_ds.py)
 
 
 def checkpoint_step(path: str) -> int | None:
