@@ -104,8 +104,9 @@ class DriverStream:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # on the driver's node: a worker node may go away mid-run (elastic groups, preemption)
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # on the head node: a worker node may go away mid-run (elastic groups, preemption), the head does not
+        # without the cluster (the driver's own node may be a worker node: several raylets on one address)
+        here = NodeAffinitySchedulingStrategy(_head_node_id(), soft=True)
         self.box = _event_box_class().options(scheduling_strategy=here).remote()
         self._thread = threading.Thread(target=self._pump, name="raytrainer-driver-stream", daemon=True)
         self._thread.start()
@@ -160,3 +161,12 @@ class DriverStream:
     def _tell(self, kind, payload, state):
         for listener in list(self.listeners):
             listener((kind, payload, state))
+
+
+def _head_node_id() -> str:
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return ray.get_runtime_context().get_node_id()
