@@ -15,8 +15,8 @@ import logging
 import torch.distributed as dist
 import transformers
 
-from .checkpoint.consolidate import load_dcp_weights, only_dcp_weights
-from .checkpoint.consolidate_ds import load_deepspeed_weights, only_deepspeed_weights
+from .checkpoint.consolidate import load_dcp_weights, load_deepspeed_weights, only_dcp_weights
+from .checkpoint.consolidate_ds import only_deepspeed_weights
 from .strategies.build import build_sharded, is_skeleton, sharded_kind
 from .strategies.pretrained import meta_build  # a from_pretrained model_init too: it reads headers only
 

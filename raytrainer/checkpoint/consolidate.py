@@ -1,7 +1,7 @@
 """Full weights from a sharded checkpoint, after the fact: `raytrainer consolidate CHECKPOINT`.
 
 fsdp checkpoints hold the weights as DCP shards (`model_dcp/`) unless fsdp_config's state_dict_type asks
-for FULL_STATE_DICT. This reads them in one process, with no process group (DCP reshards to one rank),
+for FULL_STATE_DICT (ZeRO-3's, DeepSpeed's state: consolidate_ds.py). This reads them in one process, with no process group (DCP reshards to one rank),
 through the checked reader of pickle_check.py, and writes `model.safetensors` next to the checkpoint's
 config and tokenizer files, so `from_pretrained` loads the folder. A run resumed without fsdp reads the
 shards the same way (loop_trainer's _load_from_checkpoint).
@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from .consolidate_ds import consolidate_deepspeed, only_deepspeed_weights
+from .layout import has_weights_file
 from .pickle_check import read_dcp_metadata, safe_dcp_load
 
 MODEL_DCP = "model_dcp"
@@ -30,15 +31,17 @@ def has_dcp_weights(checkpoint_dir: str) -> bool:
 
 def only_dcp_weights(checkpoint_dir: str) -> bool:
     """Shards and no file transformers loads weights from (model.safetensors, pytorch_model.bin, an index)."""
-    if not has_dcp_weights(checkpoint_dir):
-        return False
-    names = set(os.listdir(checkpoint_dir))
-    return not any(n.startswith(("model.safetensors", "pytorch_model.bin", "adapter_model")) for n in names)
+    return has_dcp_weights(checkpoint_dir) and not has_weights_file(checkpoint_dir)
 
 
 def load_dcp_weights(model, checkpoint_dir: str) -> None:
     """A whole (unsharded) model's weights from a checkpoint's shards: a run resumed without fsdp."""
     load_whole(model, dcp_model_state(checkpoint_dir), f"{checkpoint_dir}/{MODEL_DCP} does not fit the model")
+
+
+def load_deepspeed_weights(model, checkpoint_dir: str) -> None:
+    """A whole (unpartitioned) model's weights from a ZeRO-3 checkpoint without model.safetensors."""
+    load_whole(model, consolidate_deepspeed(checkpoint_dir), f"{checkpoint_dir}: its DeepSpeed weights do not fit the model")
 
 
 def load_whole(model, state: dict, misfit: str, error=ValueError) -> None:
@@ -85,7 +88,7 @@ def consolidate(checkpoint_dir: str, output_dir: str | None = None) -> str:
         if os.path.isfile(os.path.join(checkpoint_dir, WEIGHTS)):
             raise ValueError(f"{checkpoint_dir} holds consolidated weights already ({WEIGHTS})")
         raise ValueError(f"{checkpoint_dir}: no sharded weights to consolidate ({MODEL_DCP}/.metadata); "
-                         "give a checkpoint-<step> folder written under fsdp")
+                         "give a checkpoint-<step> folder written under fsdp or ZeRO-3")
     else:
         state = dcp_model_state(checkpoint_dir)
     output_dir = output_dir or checkpoint_dir
@@ -108,7 +111,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="raytrainer consolidate",
         description="Write model.safetensors (the full weights) for a checkpoint that holds only shards "
-                    "(fsdp's model_dcp/), so that from_pretrained can load it.")
+                    "(fsdp's model_dcp/, ZeRO-3's global_step<N>/), so that from_pretrained can load it.")
     parser.add_argument("checkpoint", help="a checkpoint-<step> folder on this machine")
     parser.add_argument("--output", default=None, help="write the loadable model folder here (default: into the "
                                                        "checkpoint itself)")

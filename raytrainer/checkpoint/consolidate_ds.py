@@ -8,8 +8,8 @@ partition is the next ceil(numel / world) elements of each rank's flat fp32 grou
 frozen parameters are fragments in the model files; tied ones are listed in `shared_params`) through
 pickle_check's weights-only loader (`safe_deepspeed_load`): a file that needs any other class is refused.
 
-`consolidate_deepspeed(checkpoint_dir)` is what `raytrainer consolidate` calls for such a checkpoint;
-`load_deepspeed_weights` is a resume without DeepSpeed (or of a model given whole) from one.
+`consolidate_deepspeed(checkpoint_dir)` is what `raytrainer consolidate` calls for such a checkpoint, and
+consolidate.py's `load_deepspeed_weights` for a resume without DeepSpeed (or of a model given whole) from one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 
 import torch
 
+from .layout import has_weights_file
 from .pickle_check import deepspeed_tag, safe_deepspeed_load
 
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_(model|optim)_states\.pt$")
@@ -31,10 +32,7 @@ def has_deepspeed_state(checkpoint_dir: str) -> bool:
 
 def only_deepspeed_weights(checkpoint_dir: str) -> bool:
     """DeepSpeed state and no file transformers loads weights from (model.safetensors, pytorch_model.bin...)."""
-    if not os.path.isdir(checkpoint_dir) or not has_deepspeed_state(checkpoint_dir):
-        return False
-    names = os.listdir(checkpoint_dir)
-    return not any(n.startswith(("model.safetensors", "pytorch_model.bin", "adapter_model")) for n in names)
+    return os.path.isdir(checkpoint_dir) and has_deepspeed_state(checkpoint_dir) and not has_weights_file(checkpoint_dir)
 
 
 def consolidate_deepspeed(checkpoint_dir: str) -> dict[str, torch.Tensor]:
@@ -64,19 +62,6 @@ def consolidate_deepspeed(checkpoint_dir: str) -> dict[str, torch.Tensor]:
         if source in state:
             state[name] = state[source]
     return state
-
-
-def load_deepspeed_weights(model, checkpoint_dir: str) -> None:
-    """A whole (unpartitioned) model's weights from a ZeRO-3 checkpoint without model.safetensors."""
-    state = consolidate_deepspeed(checkpoint_dir)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"{checkpoint_dir}: its DeepSpeed weights do not fit the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
 
 
 def _rank_files(folder: str, kind: str) -> list[str]:

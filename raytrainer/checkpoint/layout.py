@@ -22,6 +22,12 @@ _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.j
             "latest")  # ZeRO-3's state without its gathered weights (DeepSpeed's tag file; consolidate_ds.py)
 
 
+def has_weights_file(path: str) -> bool:
+    """A file transformers' _load_from_checkpoint reads weights from (model.safetensors, pytorch_model.bin, an
+    index, a PEFT adapter): a sharded checkpoint without one is read by consolidate.py / consolidate_ds.py."""
+    return any(n.startswith(("model.safetensors", "pytorch_model.bin", "adapter_model")) for n in os.listdir(path))
+
+
 def checkpoint_step(path: str) -> int | None:
     m = _NAME.match(os.path.basename(os.path.normpath(path)))
     return int(m.group(1)) if m else None

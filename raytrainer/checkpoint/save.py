@@ -184,10 +184,7 @@ class CheckpointHooks(transformers.Trainer):
             if not block and not self._written_on_every_rank(pending):
                 self._checkpoint_writer.raise_pending()
                 return
-            if not pending.written.is_set():
-                if not block:
-                    self._checkpoint_writer.raise_pending()
-                    return
+            if not pending.written.is_set():  # block: wait for the write
                 t0 = time.perf_counter()
                 self._checkpoint_writer.wait()
                 self._checkpoint_writer.blocked_s += time.perf_counter() - t0  # the loop waited for the write

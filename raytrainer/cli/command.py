@@ -4,7 +4,7 @@
     raytrainer sweep --config NAME|PATH [--resume] [--FIELD VALUE ...]    hyperparameter search
     raytrainer configs                                                    list the shipped configs
     raytrainer configs cp NAME [DEST]                                     copy one (and its data) to edit
-    raytrainer consolidate CHECKPOINT [--output DIR]                      full weights from fsdp's shards
+    raytrainer consolidate CHECKPOINT [--output DIR]                      full weights from fsdp/ZeRO-3 shards
     raytrainer --version
 
 Help, the config list and the version never import torch (under 2 s: raytrainer/__init__.py

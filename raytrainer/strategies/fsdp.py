@@ -173,29 +173,20 @@ class FSDPStrategy(Strategy):
         return "FULL" in str(self.config.get("state_dict_type", "SHARDED_STATE_DICT")).upper()
 
     def sharded_state(self, model, optimizer):
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        return _live_state(model, optimizer) if self._writer_group is not None else None
 
-        if self._writer_group is None:
-            return None
-        model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
-        return {"model": model_state, "optimizer": optim_state}
-
-    def write_sharded(self, state, folder):
+    def write_sharded(self, state, folder, group=None):
+        """DCP's collective save; the writer's thread uses its own group, the loop (save_sharded) the default one."""
         import torch.distributed.checkpoint as dcp
 
-        group = self._writer_group
+        group = group or self._writer_group
         dcp.save({"model": state["model"]}, checkpoint_id=os.path.join(folder, MODEL_DIR), process_group=group)
         if "optimizer" in state:  # not with save_only_model
             dcp.save({"optimizer": state["optimizer"]}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR),
                      process_group=group)
 
     def save_sharded(self, model, optimizer, folder, step):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
-        dcp.save({"model": model_state}, checkpoint_id=os.path.join(folder, MODEL_DIR))
-        dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR))
+        self.write_sharded(_live_state(model, optimizer), folder, group=dist.group.WORLD)
 
     def load_checkpoint(self, trainer, folder):
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -235,6 +226,14 @@ class FSDPStrategy(Strategy):
         model_state = get_model_state_dict(model, options=options)
         safe_dcp_load({"model": model_state}, os.path.join(folder, MODEL_DIR))
         set_model_state_dict(model, model_state, options=options)
+
+
+def _live_state(model, optimizer) -> dict:
+    """This rank's shards of the weights and the optimizer state (views of the live tensors)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
+    return {"model": model_state, "optimizer": optim_state}
 
 
 def _options(model):
