@@ -83,9 +83,25 @@ def test_not_sharded_loadable_says_why(folders, tmp_path):
 
 
 # ------------------------------------------------------------------ the load itself (2 gloo processes, no Ray)
+def _rank_cases(folders: dict, out_dir: str):
+    """A gloo rank's set-up (RANK / WORLD_SIZE / MASTER_* set): its raytrainer log file, the process group,
+    and the model_init of each case: each folder's from_pretrained, plus one that is not sharded-loadable (the
+    head is not in the files: rank 0 builds it, the shards come from that build)."""
+    import logging
+
+    import torch.distributed as dist
+
+    logging.getLogger("raytrainer").addHandler(logging.FileHandler(os.path.join(out_dir, f"log{os.environ['RANK']}")))
+    dist.init_process_group("gloo")
+    cases = {name: functools.partial(transformers.AutoModelForCausalLM.from_pretrained, path)
+             for name, path in folders.items()}
+    cases["fallback"] = functools.partial(transformers.AutoModelForSequenceClassification.from_pretrained,
+                                          folders["gpt2"], num_labels=2)
+    return dist.get_rank(), {}, cases
+
+
 def _rank(folders: dict, out_dir: str) -> None:
     """One rank of test_each_rank_reads_its_slices (RANK / WORLD_SIZE / MASTER_* set)."""
-    import logging
 
     import torch.distributed as dist
     from transformers import set_seed
@@ -94,14 +110,7 @@ def _rank(folders: dict, out_dir: str) -> None:
     from raytrainer.strategies.build import build_sharded
     from raytrainer.strategies.fsdp import FSDPStrategy
 
-    logging.getLogger("raytrainer").addHandler(logging.FileHandler(os.path.join(out_dir, f"log{os.environ['RANK']}")))
-    dist.init_process_group("gloo")
-    rank, result = dist.get_rank(), {}
-    cases = {name: functools.partial(transformers.AutoModelForCausalLM.from_pretrained, path)
-             for name, path in folders.items()}
-    # not sharded-loadable (the head is not in the files): rank 0 builds it, its shards come from that build
-    cases["fallback"] = functools.partial(transformers.AutoModelForSequenceClassification.from_pretrained,
-                                          folders["gpt2"], num_labels=2)
+    rank, result, cases = _rank_cases(folders, out_dir)
     for name, model_init in cases.items():
         args = raytrainer.TrainingArguments(output_dir=os.path.join(out_dir, name), report_to=[], fsdp=True)
         holder = type("T", (), {"args": args})()
@@ -238,7 +247,6 @@ def test_driver_holds_a_skeleton_of_a_pretrained_model_init(folders, tmp_path):
 # ------------------------------------------------------------------ ZeRO-3 (2 gloo processes, no Ray)
 def _rank_zero3(folders: dict, out_dir: str) -> None:
     """One rank of test_zero3_each_rank_reads_its_partitions (RANK / WORLD_SIZE / MASTER_* set)."""
-    import logging
     import sys
 
     import deepspeed
@@ -248,13 +256,7 @@ def _rank_zero3(folders: dict, out_dir: str) -> None:
     import raytrainer
     from raytrainer.strategies.build import build_sharded
 
-    logging.getLogger("raytrainer").addHandler(logging.FileHandler(os.path.join(out_dir, f"log{os.environ['RANK']}")))
-    dist.init_process_group("gloo")
-    rank, result = dist.get_rank(), {}
-    cases = {name: functools.partial(transformers.AutoModelForCausalLM.from_pretrained, path)
-             for name, path in folders.items()}
-    cases["fallback"] = functools.partial(transformers.AutoModelForSequenceClassification.from_pretrained,
-                                          folders["gpt2"], num_labels=2)
+    rank, result, cases = _rank_cases(folders, out_dir)
     for name, model_init in cases.items():
         args = raytrainer.TrainingArguments(output_dir=os.path.join(out_dir, name), report_to=[],
                                             strategy="deepspeed", deepspeed={"zero_optimization": {"stage": 3}})
