@@ -199,7 +199,8 @@ class CheckpointWriter:
                     return
                 self._write(snap)
             except BaseException as e:  # surfaced on the loop's next save() or wait()
-                self._error = (e, snap.final_dir)
+                if self._error is None:  # the first: a later queued write failing too must not hide it
+                    self._error = (e, snap.final_dir)
             finally:
                 self._queue.task_done()
 

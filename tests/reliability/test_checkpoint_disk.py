@@ -138,6 +138,30 @@ def test_a_save_that_breaks_before_the_writer_leaves_no_partial_folder(tmp_path)
     assert os.listdir(tmp_path / "run") == []
 
 
+def test_the_first_of_two_failed_background_writes_is_the_one_raised(tmp_path):
+    """Both queued writes fail (checkpoint-4, then checkpoint-6 on the same full disk): the error the loop
+    gets is checkpoint-4's, the first, not the later one that overwrote it."""
+    import threading
+
+    gate = threading.Event()
+
+    def fail(name, first):
+        def copy(snap):
+            if first:
+                gate.wait()
+            raise OSError(f"{name} broke")
+        return copy
+
+    writer = CheckpointWriter(background=True)
+    writer.save(Snapshot(final_dir=str(tmp_path / "checkpoint-4"), copy_fn=fail("checkpoint-4", True)))
+    writer.save(Snapshot(final_dir=str(tmp_path / "checkpoint-6"), copy_fn=fail("checkpoint-6", False)))
+    gate.set()  # both are queued now: they fail in order
+    with pytest.raises(RuntimeError, match="checkpoint-4 broke") as info:
+        writer.wait()
+    assert info.value.checkpoint_dir == str(tmp_path / "checkpoint-4")
+    writer.close()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 600 KiB tmpfs: room for one tiny checkpoint (412 KiB) and not two."""
