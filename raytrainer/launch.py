@@ -39,7 +39,7 @@ from .data.ray_data import is_ray_dataset
 from .elastic import check_train as check_elastic, scaling_kwargs
 from .event_stream import DriverStream
 from .rank0_state import apply_final_state, restore_callback_states
-from .ray_files import remove_ray_files
+from .ray_files import remove_eval_run_folder, remove_ray_files
 from .redact import redact_text
 from .shared_storage import check_shared_storage
 from .spec import RunSpec, TrainerBlueprint
@@ -109,6 +109,7 @@ def run_eval_on_ray(trainer, method: str, dataset, ignore_keys, metric_key_prefi
                  eval_call=(method, dataset, ignore_keys, metric_key_prefix), driver_state=trainer.state)
     with DriverStream(trainer, display=False) as stream:
         _fit(args, eval_worker_main, dataclasses.replace(spec, events=stream.box), name, base, fs, {})
+    remove_eval_run_folder(fs, run_dir)
     if stream.final_state is not None:
         apply_final_state(trainer, stream.final_state)
     return stream.eval_result

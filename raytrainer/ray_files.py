@@ -26,3 +26,14 @@ def remove_ray_files(fs, run_dir: str) -> None:
         path = f"{run_dir}/{name}"
         if fs.get_file_info(path).type == pafs.FileType.File:
             fs.delete_file(path)
+
+
+def remove_eval_run_folder(fs, run_dir: str) -> None:
+    """evaluate()/predict() on workers run as their own Ray run in <output_dir>_evaluate / _predict: once it
+    has ended, Ray's files go and so does the folder if nothing else is in it (the result came back in memory)."""
+    import pyarrow.fs as pafs
+
+    remove_ray_files(fs, run_dir)
+    if fs.get_file_info(run_dir).type == pafs.FileType.Directory and not fs.get_file_info(
+            pafs.FileSelector(run_dir, recursive=True)):
+        fs.delete_dir(run_dir)

@@ -122,6 +122,8 @@ def test_distributed_predict_and_evaluate_gather_every_sample_once(ddp_run, tmp_
         metrics = ddp_run.evaluate(eval_dataset=rows)
     finally:
         ddp_run.args.evaluate_on = "auto"
+    out = ddp_run.args.output_dir
+    assert not os.path.exists(out + "_predict") and not os.path.exists(out + "_evaluate")  # Ray's folders went
     assert got.predictions.shape == expected.predictions.shape == (13, 8, 128)
     torch.testing.assert_close(torch.as_tensor(got.predictions), torch.as_tensor(expected.predictions),
                                rtol=1e-5, atol=1e-5)

@@ -123,6 +123,9 @@ def _rank(folders: dict, out_dir: str) -> None:
         model = strategy.prepare(holder, max_steps=1)
         held = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
         full = strategy.full_state_dict(model)
+        if name == "fallback":  # save_only_model in the foreground: the weights' shards, no optimizer state
+            strategy.save_sharded(model, None, os.path.join(out_dir, "only_model"), step=1)
+            result["only_model"] = sorted(os.listdir(os.path.join(out_dir, "only_model")))
         set_seed(42)
         reference = model_init() if rank == 0 else None  # the unsharded build, after the same seed
         result[name] = {
@@ -157,6 +160,7 @@ def test_each_rank_reads_its_slices(folders, tmp_path):
     fallback = [r["fallback"] for r in results]
     assert not any(f["sharded"] for f in fallback)
     assert fallback[0]["not_equal"] == [] and fallback[0]["buffers_not_equal"] == []
+    assert results[0]["only_model"] == ["model_dcp"]  # save_only_model: no optim_dcp/
     warning = (tmp_path / "log0").read_text()
     assert warning.count("no sharded loading: from_pretrained reports missing keys") == 1, warning
     assert "no sharded loading" not in (tmp_path / "log1").read_text()  # one warning, from rank 0

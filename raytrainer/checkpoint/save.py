@@ -125,13 +125,12 @@ class CheckpointHooks(transformers.Trainer):
     def _save_shards(self, snap: Snapshot, strategy) -> None:
         """Every rank's shards into the folder the writer completes: staged and written by the writer's thread
         when the strategy allows it (the loop goes on), else a collective save here, in the foreground."""
-        staged = strategy.sharded_state(self.model_wrapped, self.optimizer)
+        optimizer = None if self.args.save_only_model else self.optimizer
+        staged = strategy.sharded_state(self.model_wrapped, optimizer)
         if staged is not None:
-            if self.args.save_only_model:
-                staged.pop("optimizer", None)
             snap.sharded_state, snap.write_sharded_fn, snap.background = staged, strategy.write_sharded, True
             return
-        wait = strategy.save_sharded(self.model_wrapped, self.optimizer, snap.tmp_dir, self.state.global_step)
+        wait = strategy.save_sharded(self.model_wrapped, optimizer, snap.tmp_dir, self.state.global_step)
         if wait is not None:  # the engine writes in the background: the folder is complete once it returns
             snap.wait_fns.append(wait)
             snap.background = True

@@ -110,7 +110,8 @@ class Strategy:
 
     def sharded_state(self, model, optimizer) -> dict | None:
         """The live sharded state a background writer stages and then writes with `write_sharded` (the loop
-        does not wait for the write); None: `save_sharded` writes it in the foreground."""
+        does not wait for the write); None: `save_sharded` writes it in the foreground. optimizer=None (in
+        both): save_only_model, the weights' shards only."""
         return None
 
     def write_sharded(self, state: dict, folder: str) -> None:

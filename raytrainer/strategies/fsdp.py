@@ -181,7 +181,7 @@ class FSDPStrategy(Strategy):
 
         group = group or self._writer_group
         dcp.save({"model": state["model"]}, checkpoint_id=os.path.join(folder, MODEL_DIR), process_group=group)
-        if "optimizer" in state:  # not with save_only_model
+        if "optimizer" in state:  # not with save_only_model (optimizer=None)
             dcp.save({"optimizer": state["optimizer"]}, checkpoint_id=os.path.join(folder, OPTIMIZER_DIR),
                      process_group=group)
 
@@ -230,8 +230,10 @@ class FSDPStrategy(Strategy):
 
 def _live_state(model, optimizer) -> dict:
     """This rank's shards of the weights and the optimizer state (views of the live tensors)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if optimizer is None:  # save_only_model
+        return {"model": get_model_state_dict(model, options=_options(model))}
     model_state, optim_state = get_state_dict(model, optimizer, options=_options(model))
     return {"model": model_state, "optimizer": optim_state}
 
