@@ -91,3 +91,30 @@ def test_a_shards_only_checkpoint_counts_as_complete(checkpoint, tmp_path):
     assert complete_checkpoints(str(tmp_path)) == []  # DeepSpeed state without its tag file: not a checkpoint
     (zero3 / "latest").write_text("global_step6")
     assert complete_checkpoints(str(tmp_path)) == [str(zero3)]
+
+
+@pytest.mark.e2e
+def test_consolidate_a_checkpoint_in_s3(checkpoint, s3_env, s3_bucket, tmp_path, capsys):
+    """s3://bucket/run/checkpoint-2: fetched without its optimizer state, consolidated here, and the weights
+    written back into the checkpoint (the default) or into a local --output folder."""
+    import pyarrow.fs as pafs
+
+    from raytrainer import storage
+
+    path, weights, _ = checkpoint
+    fs, base = storage.resolve_storage(f"s3://{s3_bucket}/run/checkpoint-2")
+    storage.upload_dir(path, fs, base)
+    uri = f"s3://{s3_bucket}/run/checkpoint-2"
+    assert main(["consolidate", uri, "--output", str(tmp_path / "model")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "model" / "model.safetensors")
+    assert main(["consolidate", uri]) == 0
+    assert capsys.readouterr().out.strip() == f"{uri}/model.safetensors"
+    storage.download_dir(fs, base, tmp_path / "back")
+    for folder in (tmp_path / "model", tmp_path / "back"):
+        loaded = load_file(folder / "model.safetensors")
+        for name, tensor in weights.items():
+            if name in loaded:  # a tied weight is saved once
+                assert torch.equal(loaded[name], tensor), (folder, name)
+    assert fs.get_file_info(f"{base}/model_dcp/.metadata").type == pafs.FileType.File  # the shards stay
+    assert main(["consolidate", f"s3://{s3_bucket}/run/checkpoint-9"]) == 2
+    assert "no such checkpoint in storage" in capsys.readouterr().err

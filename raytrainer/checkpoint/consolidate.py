@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import warnings
 
 from .consolidate_ds import consolidate_deepspeed, only_deepspeed_weights
@@ -104,21 +103,3 @@ def consolidate(checkpoint_dir: str, output_dir: str | None = None) -> str:
     os.replace(tmp, path)  # a reader never sees a partial file
     return path
 
-
-def main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="raytrainer consolidate",
-        description="Write model.safetensors (the full weights) for a checkpoint that holds only shards "
-                    "(fsdp's model_dcp/, ZeRO-3's global_step<N>/), so that from_pretrained can load it.")
-    parser.add_argument("checkpoint", help="a checkpoint-<step> folder on this machine")
-    parser.add_argument("--output", default=None, help="write the loadable model folder here (default: into the "
-                                                       "checkpoint itself)")
-    ns = parser.parse_args(argv)
-    try:
-        print(consolidate(ns.checkpoint, ns.output))
-    except (ValueError, OSError) as e:
-        print(f"raytrainer consolidate: error: {e}", file=sys.stderr)
-        return 2
-    return 0

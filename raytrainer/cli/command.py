@@ -4,7 +4,7 @@
     raytrainer sweep --config NAME|PATH [--resume] [--FIELD VALUE ...]    hyperparameter search
     raytrainer configs                                                    list the shipped configs
     raytrainer configs cp NAME [DEST]                                     copy one (and its data) to edit
-    raytrainer consolidate CHECKPOINT [--output DIR]                      full weights from fsdp/ZeRO-3 shards
+    raytrainer consolidate CHECKPOINT [--output DIR]                      full weights from fsdp/ZeRO-3 shards (local or s3://)
     raytrainer --version
 
 Help, the config list and the version never import torch (under 2 s: raytrainer/__init__.py
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "configs":
         return configs(rest)
     if command == "consolidate":
-        from raytrainer.checkpoint.consolidate import main as consolidate
+        from raytrainer.checkpoint.consolidate_storage import main as consolidate
 
         return consolidate(rest)
     if command not in ("train", "sweep"):
