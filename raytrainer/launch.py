@@ -14,6 +14,7 @@ run happens here, before Ray starts a worker.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -50,22 +51,34 @@ from .worker import eval_worker_main, worker_main
 logger = logging.getLogger("raytrainer")
 
 
+@contextlib.contextmanager
+def preflight():
+    """A ValueError raised inside is bad input found on the driver before a worker started: marked
+    (`found_on_driver`), so that `raytrainer train` prints it as one line instead of a traceback."""
+    try:
+        yield
+    except ValueError as e:
+        e.found_on_driver = True
+        raise
+
+
 def run_on_ray(trainer, resume_from_checkpoint, trial, ignore_keys_for_eval):
     """train() with num_workers >= 1."""
     args = trainer.args
-    storage_path, name = storage_location(args)
-    fs, base, run_dir = _storage_for(args, storage_path, name)
-    datasets = {k: v for k, v in (("train", trainer.train_dataset),) if is_ray_dataset(v)}
-    check_train_dataset(trainer)
-    check_elastic(args, datasets)  # num_workers=(min, max): what a resize could not continue
-    plan = plan_resume(args, resume_from_checkpoint, fs=fs, run_dir=run_dir,
-                       run_label=redact_text(f"{storage_path}/{name}"), ray_datasets=bool(datasets))
-    check_best_model_loadable(trainer)
-    if plan is not None and plan.trainer_state is not None and args.restore_callback_states_from_checkpoint:
-        restore_callback_states(trainer, plan.trainer_state)
+    with preflight():
+        storage_path, name = storage_location(args)
+        fs, base, run_dir = _storage_for(args, storage_path, name)
+        datasets = {k: v for k, v in (("train", trainer.train_dataset),) if is_ray_dataset(v)}
+        check_train_dataset(trainer)
+        check_elastic(args, datasets)  # num_workers=(min, max): what a resize could not continue
+        plan = plan_resume(args, resume_from_checkpoint, fs=fs, run_dir=run_dir,
+                           run_label=redact_text(f"{storage_path}/{name}"), ray_datasets=bool(datasets))
+        check_best_model_loadable(trainer)
+        if plan is not None and plan.trainer_state is not None and args.restore_callback_states_from_checkpoint:
+            restore_callback_states(trainer, plan.trainer_state)
 
-    ensure_ray()
-    check_shared_storage(fs, run_dir)  # before the run lease writes into a folder the other nodes cannot see
+        ensure_ray()
+        check_shared_storage(fs, run_dir)  # before the run lease writes into a folder the other nodes cannot see
     fit_id = uuid.uuid4().hex
     # one writer per run folder: refused here, before Ray starts a worker, while another live run writes it
     # a sweep's trial restarted by Tune (PBT) may find its old actor's process still exiting: a few seconds' grace
@@ -75,10 +88,11 @@ def run_on_ray(trainer, resume_from_checkpoint, trial, ignore_keys_for_eval):
         overrides = {"train_dataset": None} if datasets else {}
         if trainer.model_init is not None:
             overrides["model"] = None  # each worker calls model_init itself
-        blueprint = _blueprint(trainer, **overrides)
-        carry_to_workers(trainer, blueprint)  # auto_find_batch_size: the size a second train() starts from
-        spec = _spec(trainer, blueprint, fs, run_dir, name, resume=plan, datasets=datasets, fit_id=fit_id,
-                     train_call=(trial, ignore_keys_for_eval))  # capacity checked before the event actor starts
+        with preflight():
+            blueprint = _blueprint(trainer, **overrides)
+            carry_to_workers(trainer, blueprint)  # auto_find_batch_size: the size a second train() starts from
+            spec = _spec(trainer, blueprint, fs, run_dir, name, resume=plan, datasets=datasets, fit_id=fit_id,
+                         train_call=(trial, ignore_keys_for_eval))  # capacity checked before the event actor starts
         with DriverStream(trainer) as stream:
             _fit(args, worker_main, dataclasses.replace(spec, events=stream.box), name, base, fs, datasets)
         remove_ray_files(fs, run_dir)  # output_dir lists what transformers leaves (+ final_model/)

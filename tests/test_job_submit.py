@@ -173,6 +173,7 @@ def test_local_storage_on_two_nodes_is_refused_before_workers_start(two_node_clu
     assert info["status"] == "FAILED", logs[-2000:]
     assert f"storage_path: {local}/tiny_gpt2 is a local folder, and the Ray cluster has 2 nodes" in logs, logs[-3000:]
     assert "s3://bucket/prefix" in logs and "shared filesystem" in logs
+    assert "finetune.py: error: storage_path: " in logs and "Traceback" not in logs, logs[-3000:]  # one line
     assert "RayTrainWorker" not in logs and not (local / "tiny_gpt2").exists()  # no worker started
 
 

@@ -143,6 +143,17 @@ def test_bad_config_is_one_line_before_ray(job, tmp_path, capsys, text, argv, ex
     assert not (tmp_path / "o").exists()
 
 
+def test_storage_the_driver_cannot_use_is_an_error_line_not_a_traceback(job, tmp_path, capsys, ray_must_not_start):
+    """Bad input that only the driver's preflight finds (here a storage_path below a file) ends the command
+    with its message on stderr and exit status 2, before Ray starts; an error while training keeps its traceback."""
+    (tmp_path / "afile").write_text("")
+    argv = ["--config", os.path.join(CONFIGS, "tiny_gpt2.yaml"), "--output_dir", str(tmp_path / "o"),
+            "--storage_path", str(tmp_path / "afile" / "runs"), "--max_steps", "2"]
+    assert job.cli(argv, command="train") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raytrainer train: error: storage_path=") and "Traceback" not in err, err
+
+
 def test_hub_id_offline_is_one_line(job, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert job.cli(["--config", config(tmp_path, "model: someone/not-cached-model\n"), "--dry-run"]) == 2

@@ -53,6 +53,8 @@ def run(job: JobConfig, found: dict) -> dict:
         from raytrainer.log_filter import job_logs
 
         job_logs()  # one clean log: each warning once, from whichever process (raytrainer/log_filter.py)
+    if args.num_workers > 0 or job.search is not None:
+        check_storage(args)  # before Ray starts: a bucket it cannot write is an error line, no cluster taken
     start_ray(job, needs_ray_data, {**tracking_env, **plain_log_env()})
     prepared = prepare(job, found)
     if job.trainer == "trainer":
@@ -97,6 +99,15 @@ def run(job: JobConfig, found: dict) -> dict:
                             ("checkpoints", "checkpoints"), ("best checkpoint", "best_checkpoint"),
                             ("plot", "plot"), ("MLflow run", "mlflow_run")])
     return summary
+
+def check_storage(args) -> None:
+    """The run's storage probed (written and read back) as launch.run_on_ray probes it, but before start_ray."""
+    from raytrainer import storage
+    from raytrainer.launch import preflight, storage_location
+
+    with preflight():
+        storage.preflight_storage(storage_location(args)[0], args.storage_filesystem)
+
 
 def trl_trainer(job: JobConfig, prepared):
     """TRL's constructor (through raytrainer.trl) with a model built here: TRL takes model=, not model_init=.
@@ -209,10 +220,13 @@ def main(argv=None, command: str | None = None) -> dict | None:
 
 
 def cli(argv=None, prog: str = "raytrainer train", command: str | None = None) -> int:
-    """main() with a bad config as one line on stderr and exit status 2."""
+    """main() with a bad config, or bad input the driver found before Ray started a worker (launch.preflight),
+    as one line on stderr and exit status 2."""
     try:
         main(argv, command)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
+        if not isinstance(e, ConfigError) and not getattr(e, "found_on_driver", False):
+            raise  # an error while training: its traceback is what the user needs
         print(f"{prog}: error: {redact_text(str(e))}", file=sys.stderr, flush=True)
         return 2
     return 0
