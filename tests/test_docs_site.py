@@ -2,7 +2,7 @@
 
 Snippet markers (an HTML comment on the line before a fenced block):
   <!-- runnable -->      run here: python blocks with python, bash blocks with bash, each in a fresh folder
-  <!-- runnable: ray --> a python block run in this process on the session's Ray cluster (one tiny run)
+  <!-- runnable: ray --> a python block run in this process on the session's Ray cluster (a tiny run each)
   <!-- cluster-only -->  needs a cluster, a registry or a network; never run, but checked for syntax
 Every python block is compiled and every bash block goes through `bash -n`, marked or not.
 """
@@ -147,14 +147,18 @@ def test_runnable_snippet(name, lang, code, tmp_path):
     assert result.returncode == 0, f"{name}:\n{code}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
 
 
-def _ray_snippets() -> list[str]:
-    return [code for _, marker, lang, code in _snippets() if marker == "runnable: ray" and lang == "python"]
+def _ray_snippets() -> list[tuple[str, str]]:
+    return [(name, code) for name, marker, lang, code in _snippets() if marker == "runnable: ray" and lang == "python"]
+
+
+RAY_SNIPPET_OUTPUT = {"quickstart.md": "out/two-workers", "trl.md": "sft_out/checkpoint-4"}  # what each leaves
 
 
 @pytest.mark.ray
-def test_ray_snippet(ray_cluster, tmp_path, monkeypatch):
-    """The quick start's 2-worker run, in this process: it reuses the session's Ray instead of starting one."""
-    (code,) = _ray_snippets()
+@pytest.mark.parametrize("name,code", _ray_snippets(), ids=[name for name, _ in _ray_snippets()])
+def test_ray_snippet(ray_cluster, tmp_path, monkeypatch, name, code):
+    """The quick start's 2-worker run and the TRL page's SFT run, in this process: each reuses the session's
+    Ray instead of starting one."""
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "quickstart.md", "exec"), {"__name__": "__snippet__"})
-    assert (tmp_path / "out" / "two-workers").is_dir()
+    exec(compile(code, name, "exec"), {"__name__": "__snippet__"})
+    assert (tmp_path / RAY_SNIPPET_OUTPUT[name]).is_dir()
