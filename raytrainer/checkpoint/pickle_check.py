@@ -19,6 +19,7 @@ nothing of it is built.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -138,6 +139,19 @@ def safe_deepspeed_load(path, map_location=None):
                               mmap=isinstance(path, (str, os.PathLike)) and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise _refuse(str(path), _global_of(e)) from None
+
+
+@contextlib.contextmanager
+def refusal_named(where: str):
+    """torch's weights-only refusal raised again, the same type and words, plus the checkpoint it came from
+    (transformers' load of the best model names no file)."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(
+            f"{e}\nraytrainer: refused while loading the best model from {where}: a file there holds pickle data "
+            "that raytrainer and transformers do not write (a crafted file would run code). Remove that checkpoint, "
+            "or set load_best_model_at_end=False.") from None
 
 
 def _global_of(error: Exception) -> str:

@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 from ..redact import save_args_without_secrets, state_without_secrets
 from ..strategies.base import is_peft_model
 from ..world import world_info
+from .pickle_check import refusal_named
 from .run_meta import RUN_META, run_meta
 from .writer import Snapshot, state_to_json, to_cpu
 
@@ -225,12 +226,13 @@ class CheckpointHooks(transformers.Trainer):
         if strategy is not None and strategy.sharded:
             return self._load_best_sharded(strategy)
         if self._ray is None:
-            return super()._load_best_model()
+            with refusal_named(self.state.best_model_checkpoint):
+                return super()._load_best_model()
         rank, _ = world_info()
         if rank != 0:  # only rank 0's weights leave the worker group
             return None
         in_storage = self.state.best_model_checkpoint
-        with self._best_checkpoint_here() as local:
+        with self._best_checkpoint_here() as local, refusal_named(in_storage):
             self.state.best_model_checkpoint = local
             try:
                 return super()._load_best_model()

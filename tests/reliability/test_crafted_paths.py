@@ -101,9 +101,11 @@ def _train_with_load_best(tmp_path, names):
 
 def test_load_best_refuses_crafted_weights(tmp_path):
     trainer, marker = _train_with_load_best(tmp_path, ["pytorch_model.bin"])
-    with pytest.raises(WEIGHTS_ONLY[0], match=WEIGHTS_ONLY[1]):
+    with pytest.raises(WEIGHTS_ONLY[0], match=WEIGHTS_ONLY[1]) as info:
         trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")  # load_best was reached, and refused it
+    # torch's words (transformers names no file), then the checkpoint and what to do
+    assert f"refused while loading the best model from {trainer.state.best_model_checkpoint}: " in str(info.value)
     assert not marker.exists()
 
 
@@ -205,8 +207,9 @@ def test_load_best_on_ray_refuses_crafted_weights_and_retention_survives_a_craft
     trainer = raytrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=lm_examples(16),
                                  eval_dataset=lm_examples(4), callbacks=[PlantInBest(list(CRAFTED), marker)])
     before = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("raytrainer-best-")}
-    with pytest.raises(WEIGHTS_ONLY[0], match=WEIGHTS_ONLY[1]):
+    with pytest.raises(WEIGHTS_ONLY[0], match=WEIGHTS_ONLY[1]) as info:
         trainer.train()
+    assert f"refused while loading the best model from {storage}/best/checkpoint-" in str(info.value)  # in storage
     assert not marker.exists()
     assert foreign.is_dir()  # another run's checkpoint: never rotated away
     assert (storage / "best" / "checkpoint-6" / "pytorch_model.bin").is_file()  # the crafted best reached storage
