@@ -43,7 +43,7 @@ import functools
 
 import transformers
 
-from .args_layer import ray_args, to_ray_args  # noqa: F401 - the public pair lives here
+from .args_layer import layered, ray_args, to_ray_args  # noqa: F401 - the public pair lives here
 from .trainer import Trainer
 
 
@@ -53,18 +53,11 @@ def on_ray(trainer_cls: type) -> type:
 
     Its constructor is `trainer_cls`'s; its args may be `ray_args(...)` of its config class to set the Ray
     fields (num_workers, storage_path, ...)."""
-    if not isinstance(trainer_cls, type) or not issubclass(trainer_cls, transformers.Trainer):
-        raise TypeError(f"on_ray() takes a transformers.Trainer subclass (got {trainer_cls!r}).")
-    if issubclass(trainer_cls, Trainer):
-        return trainer_cls
-    if trainer_cls is transformers.Trainer:
-        return Trainer
-    layered = type(trainer_cls.__name__, (trainer_cls, Trainer), {
-        "__module__": trainer_cls.__module__, "__qualname__": trainer_cls.__qualname__,
-        "__doc__": trainer_cls.__doc__,
-    })
+    cls = layered(trainer_cls, transformers.Trainer, Trainer, "on_ray")
+    if cls is trainer_cls or cls is Trainer:
+        return cls
     # only our layer's classes between it and transformers.Trainer: a subclass's super() calls pass through it
-    mro = layered.__mro__
+    mro = cls.__mro__
     between = mro[mro.index(Trainer):mro.index(transformers.Trainer)]
     assert all(c.__module__.startswith("raytrainer.") for c in between), mro
-    return layered
+    return cls
