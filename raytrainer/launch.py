@@ -93,9 +93,8 @@ def run_on_ray(trainer, resume_from_checkpoint, trial, ignore_keys_for_eval):
             carry_to_workers(trainer, blueprint)  # auto_find_batch_size: the size a second train() starts from
             spec = _spec(trainer, blueprint, fs, run_dir, name, resume=plan, datasets=datasets, fit_id=fit_id,
                          train_call=(trial, ignore_keys_for_eval))  # capacity checked before the event actor starts
-        with DriverStream(trainer) as stream:
+        with _ray_files_removed(fs, run_dir), DriverStream(trainer) as stream:
             _fit(args, worker_main, dataclasses.replace(spec, events=stream.box), name, base, fs, datasets)
-        remove_ray_files(fs, run_dir)  # output_dir lists what transformers leaves (+ final_model/)
         if is_skeleton(trainer.model):
             # the driver held a skeleton while the workers trained (call_model_init): now the trained model
             trainer.model = transformers.Trainer.call_model_init(trainer, trial)
@@ -121,12 +120,26 @@ def run_eval_on_ray(trainer, method: str, dataset, ignore_keys, metric_key_prefi
         blueprint = _blueprint(trainer, train_dataset=None, model=trainer.model, model_init=None)
     spec = _spec(trainer, blueprint, fs, run_dir, name, resume=None, datasets={}, fit_id=uuid.uuid4().hex,
                  eval_call=(method, dataset, ignore_keys, metric_key_prefix), driver_state=trainer.state)
-    with DriverStream(trainer, display=False) as stream:
+    with _ray_files_removed(fs, run_dir, remove_eval_run_folder), DriverStream(trainer, display=False) as stream:
         _fit(args, eval_worker_main, dataclasses.replace(spec, events=stream.box), name, base, fs, {})
-    remove_eval_run_folder(fs, run_dir)
     if stream.final_state is not None:
         apply_final_state(trainer, stream.final_state)
     return stream.eval_result
+
+
+@contextlib.contextmanager
+def _ray_files_removed(fs, run_dir, remove=remove_ray_files):
+    """Ray's files go once the fit has ended (output_dir lists what transformers leaves, + final_model/); after
+    a failed fit too, where an error removing them must not hide the fit's own (storage may be what failed)."""
+    try:
+        yield
+    except BaseException:
+        try:
+            remove(fs, run_dir)
+        except Exception as e:
+            logger.debug("raytrainer: Ray's files stay in %s (%s)", run_dir, e)
+        raise
+    remove(fs, run_dir)
 
 
 def _storage_for(args, storage_path, name):

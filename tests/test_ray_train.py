@@ -309,6 +309,7 @@ def test_worker_exception_reaches_driver_with_its_type(ray_cluster, tmp_path):
     with pytest.raises(KeyError, match="boom from a worker") as info:
         trainer.train()
     assert "worker traceback" in "".join(getattr(info.value, "__notes__", []))
+    assert os.listdir(tmp_path / "run") == []  # Ray's files went with the failed fit as well
 
 
 # ------------------------------------------------------------------ errors before resources
