@@ -100,6 +100,7 @@ def run(job: JobConfig, found: dict) -> dict:
                             ("plot", "plot"), ("MLflow run", "mlflow_run")])
     return summary
 
+
 def check_storage(args) -> None:
     """The run's storage probed (written and read back) as launch.run_on_ray probes it, but before start_ray."""
     from raytrainer import storage
