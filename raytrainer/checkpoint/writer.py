@@ -134,6 +134,8 @@ class CheckpointWriter:
         if not prepared:
             return error
         final_dir = getattr(error, "checkpoint_dir", None) or prepared[-1][0]
+        if self._thread is not None:
+            self._queue.join()  # an earlier write still running may be what filled the disk: its error first
         if self._error is not None:  # an earlier background write failed first (this save then found the disk full)
             (first, final_dir), self._error = self._error, None
             error.__context__ = first
