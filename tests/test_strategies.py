@@ -244,6 +244,22 @@ def test_deepspeed_config_contradicting_arguments_fails_at_construction(tmp_path
     assert args.strategy == "deepspeed"
 
 
+def test_an_auto_find_batch_size_attempt_sets_the_engines_micro_batch(tmp_path):
+    """transformers' _update_auto_batch_size: the attempt's size fills the "auto" batch values, and a size set
+    in the config is then not a mismatch (the engine a Ray worker builds per attempt follows it)."""
+    from raytrainer.strategies.deepspeed_config import deepspeed_config
+
+    args = strategy_args(tmp_path, deepspeed={"zero_optimization": {"stage": 2}, "train_batch_size": "auto",
+                                              "train_micro_batch_size_per_gpu": "auto"}, auto_find_batch_size=True)
+    config = deepspeed_config(args, 2, batch_size=3)
+    assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"]) == (3, 3 * 2 * args.gradient_accumulation_steps)
+    assert deepspeed_config(args, 2)["train_micro_batch_size_per_gpu"] == args.per_device_train_batch_size
+    fixed = strategy_args(tmp_path, deepspeed={"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 2},
+                          auto_find_batch_size=True)
+    config = deepspeed_config(fixed, 2, batch_size=3)
+    assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"]) == (2, 2 * 2 * 2)  # the user's
+
+
 def test_fsdp_without_a_matching_layer_class_fails_on_the_driver(tmp_path, monkeypatch):
     import raytrainer.launch
 

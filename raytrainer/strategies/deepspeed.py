@@ -83,7 +83,8 @@ class DeepSpeedStrategy(Strategy):
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(max(logging.WARNING, self.args.get_process_log_level()))
-        config = deepspeed_config(self.args, dist.get_world_size(), trainer.model, max_steps)
+        found = trainer._train_batch_size if self.args.auto_find_batch_size else None  # this attempt's size
+        config = deepspeed_config(self.args, dist.get_world_size(), trainer.model, max_steps, batch_size=found)
         self.stage = int(config.get("zero_optimization", {}).get("stage", 0))
         model = trainer.model
         kwargs = {}

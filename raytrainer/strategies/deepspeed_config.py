@@ -38,16 +38,21 @@ def load_config(value) -> dict:
     raise ValueError(f"deepspeed= must be a dict or the path of a JSON file (got {type(value).__name__}).")
 
 
-def deepspeed_config(args, world_size: int, model=None, max_steps: int | None = None) -> dict:
+def deepspeed_config(args, world_size: int, model=None, max_steps: int | None = None,
+                     batch_size: int | None = None) -> dict:
     """The DeepSpeed config the workers run: transformers' "auto" filling, our defaults, and a
-    ValueError listing every value that contradicts TrainingArguments."""
+    ValueError listing every value that contradicts TrainingArguments. batch_size: the size an
+    auto_find_batch_size attempt runs with (transformers' _update_auto_batch_size: "auto" batch values follow
+    it, and a batch value set in the config is not a mismatch)."""
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
 
     config = load_config(args.deepspeed)
     hf = HfTrainerDeepSpeedConfig(config)
     try:
         view = _ArgsWithWorld(args, world_size)
-        hf.trainer_config_process(view, auto_find_batch_size=False)
+        if batch_size is not None:
+            view.per_device_train_batch_size = batch_size
+        hf.trainer_config_process(view, auto_find_batch_size=batch_size is not None)
         if max_steps is not None:
             hf.trainer_config_finalize(view, model, max_steps)  # raises on mismatches
         elif hf.mismatches:
@@ -60,10 +65,10 @@ def deepspeed_config(args, world_size: int, model=None, max_steps: int | None = 
     finally:
         # transformers keeps a global reference that makes from_pretrained use zero.Init; not for us
         unset_hf_deepspeed_config()
-    micro = args.per_device_train_batch_size
-    config.setdefault("train_micro_batch_size_per_gpu", micro)
-    config.setdefault("gradient_accumulation_steps", args.gradient_accumulation_steps)
-    config.setdefault("train_batch_size", micro * args.gradient_accumulation_steps * world_size)
+    micro = config.setdefault("train_micro_batch_size_per_gpu",
+                              args.per_device_train_batch_size if batch_size is None else batch_size)
+    steps = config.setdefault("gradient_accumulation_steps", args.gradient_accumulation_steps)
+    config.setdefault("train_batch_size", micro * steps * world_size)  # DeepSpeed asserts the product
     config.setdefault("gradient_clipping", args.max_grad_norm or 0.0)
     config.setdefault("steps_per_print", 10**9)  # the loop logs; DeepSpeed's own progress lines are noise
     zero = config.setdefault("zero_optimization", {})
