@@ -7,7 +7,8 @@ GRPO samples completions with each process's own seed, so its 2-worker reference
 Models are tiny Llamas built from a config; the tokenizer is built on the fly (tests/trl_helpers.py).
 
 Ray runs (one worker group each, ~25-40 s): SFT (chat, assistant-only loss, packing), DPO, reward and GRPO,
-each with a worker killed mid-run; plain-text SFT under FSDP2 and under ZeRO-3; LoRA SFT and LoRA DPO; a
+each with a worker killed mid-run; plain-text SFT under FSDP2 and under ZeRO-3; DPO under ZeRO-3 and the reward
+trainer under FSDP2; LoRA SFT and LoRA DPO; a
 user's own subclass; an ASHA sweep of 2 SFT trials x 2 workers.
 """
 
@@ -247,6 +248,28 @@ def test_plain_text_sft_on_two_workers_matches_trl(strategy, ray_cluster, tok, t
     assert_weights_close(trainer.model, expected.model)
     files = set(os.listdir(tmp_path / "checkpoint-4"))
     assert {"model.safetensors", "trainer_state.json"} | SHARDED_FILES[strategy] <= files, files
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("kind,strategy", [("dpo", "zero3"), ("reward", "fsdp")])
+def test_preference_trainers_under_a_sharded_strategy_match_trl(kind, strategy, ray_cluster, tok, tmp_path,
+                                                                 tmp_path_factory):
+    """DPO under ZeRO-3 (TRL prepares the reference model with DeepSpeed too) and the reward trainer under FSDP2
+    (shards-only checkpoints, fsdp's default): TRL's in-process losses and metrics on 2 workers. Measured: max
+    rel. diff 1.2e-6 (DPO, ZeRO-3) and 8.8e-6 (reward, fsdp); DPO under ZeRO-2 and fsdp and the reward trainer
+    under ZeRO-3 also ran (8.3e-6, 8.3e-6, 2.0e-5), ~22 s each, and are left out to keep the suite short."""
+    if strategy == "zero3":
+        pytest.importorskip("deepspeed")
+    expected = trl_reference(kind, tok, tmp_path_factory)
+    extra = SHARDED["zero3"] if strategy == "zero3" else {
+        "fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+    trainer = trl_run(kind, *RT_CLASSES[kind], tok, tmp_path / "run", workers=2, save_strategy="steps",
+                      save_steps=4, **extra)
+    assert trainer.state.global_step == 4
+    assert_logged_close(trainer, expected, KEYS[kind], rtol=1e-4)
+    files = set(os.listdir(tmp_path / "run" / "checkpoint-4"))
+    assert ({"global_step4", "model.safetensors"} if strategy == "zero3" else {"model_dcp", "optim_dcp"}) <= files
+    assert strategy == "zero3" or "model.safetensors" not in files, files  # fsdp: the shards only
 
 
 @pytest.mark.ray
