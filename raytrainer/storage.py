@@ -27,6 +27,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from .redact import redact_text
+
 __all__ = [
     "resolve_storage",
     "preflight_storage",
@@ -117,6 +119,9 @@ def _resolve(storage_path, storage_filesystem, **s3_options) -> tuple[pafs.FileS
         path = _strip_scheme(storage_path).strip("/")
         if not path:
             raise ValueError(f"{_FIELD}={storage_path!r} names no bucket; use s3://bucket/prefix")
+        if "@" in path.split("/", 1)[0]:  # s3://key:secret@bucket: pyarrow would echo it in its own error
+            raise ValueError(f"{_FIELD}={redact_text(storage_path)!r}: credentials in an s3:// URI are not read; set "
+                             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or pass storage_filesystem=) instead")
         return _s3_filesystem(**s3_options), path
     if scheme in ("", "file", "local"):
         local = _strip_scheme(storage_path)

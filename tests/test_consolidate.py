@@ -69,6 +69,8 @@ def test_consolidate_names_what_is_wrong(tmp_path, capsys):
     assert main(["consolidate", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no sharded weights to consolidate (model_dcp/.metadata)" in err and "written under fsdp" in err
+    assert main(["consolidate", str(tmp_path / "checkpoint-3")]) == 2
+    assert f"{tmp_path / 'checkpoint-3'}: no such folder" in capsys.readouterr().err
 
 
 def test_a_run_resumed_without_fsdp_reads_the_shards(checkpoint, tmp_path):
@@ -118,3 +120,5 @@ def test_consolidate_a_checkpoint_in_s3(checkpoint, s3_env, s3_bucket, tmp_path,
     assert fs.get_file_info(f"{base}/model_dcp/.metadata").type == pafs.FileType.File  # the shards stay
     assert main(["consolidate", f"s3://{s3_bucket}/run/checkpoint-9"]) == 2
     assert "no such checkpoint in storage" in capsys.readouterr().err
+    assert main(["consolidate", f"s3://AKIAPLANTED:planted-secret-123@{s3_bucket}/run/checkpoint-2"]) == 2
+    assert "planted-secret-123" not in capsys.readouterr().err  # credentials in a URI are never echoed

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 import raytrainer
+from raytrainer import storage
 from raytrainer.redact import REDACTED, redact, redact_json, redact_text, redacted_errors
 
 
@@ -38,6 +39,12 @@ def test_a_preflight_error_never_echoes_the_storage_secret():
     with pytest.raises(ValueError) as info:
         raytrainer.TrainingArguments(output_dir="/tmp/x", storage_path="gs://AKID:gcs-secret-8@bucket/runs")
     assert "gcs-secret-8" not in str(info.value) and "gs://bucket/runs" in str(info.value)
+    # s3: pyarrow's own error would repeat the path without its scheme (key:secret@bucket): refused first
+    with pytest.raises(ValueError, match="credentials in an s3:// URI are not read") as info:
+        raytrainer.TrainingArguments(output_dir="/tmp/x", storage_path="s3://AKID:s3-secret-7@bucket/runs",
+                                     num_workers=1).check_supported()
+        storage.preflight_storage("s3://AKID:s3-secret-7@bucket/runs")
+    assert "s3-secret-7" not in str(info.value) and "s3://bucket/runs" in str(info.value)
     with pytest.raises(RuntimeError, match="s3://b/p") as info:
         with redacted_errors():
             raise RuntimeError("cannot open s3://k:err-secret-9@b/p")

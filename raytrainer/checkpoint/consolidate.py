@@ -83,6 +83,8 @@ def consolidate(checkpoint_dir: str, output_dir: str | None = None) -> str:
             if id(tensor) not in seen:  # a tied weight once, as save_pretrained writes it
                 state[name] = tensor
                 seen.add(id(tensor))
+    elif not os.path.isdir(checkpoint_dir):
+        raise ValueError(f"{checkpoint_dir}: no such folder; give a checkpoint-<step> folder written under fsdp or ZeRO-3")
     elif not has_dcp_weights(checkpoint_dir):
         if os.path.isfile(os.path.join(checkpoint_dir, WEIGHTS)):
             raise ValueError(f"{checkpoint_dir} holds consolidated weights already ({WEIGHTS})")

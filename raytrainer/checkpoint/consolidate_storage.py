@@ -17,6 +17,7 @@ import tempfile
 import pyarrow.fs as pafs
 
 from .. import storage
+from ..redact import redact_text
 from .consolidate import WEIGHTS, consolidate
 
 # fsdp's and transformers' optimizer files: not read by consolidation (ZeRO-3's global_step<N>/ is)
@@ -84,8 +85,8 @@ def main(argv: list[str]) -> int:
                                                        "URI (default: into the checkpoint itself)")
     ns = parser.parse_args(argv)
     try:
-        print(consolidate_anywhere(ns.checkpoint, ns.output))
+        print(redact_text(consolidate_anywhere(ns.checkpoint, ns.output)))
     except (ValueError, OSError) as e:
-        print(f"raytrainer consolidate: error: {e}", file=sys.stderr)
+        print(f"raytrainer consolidate: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     return 0
