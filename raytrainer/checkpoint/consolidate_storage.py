@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 from .. import storage
 from ..redact import redact_text
 from .consolidate import WEIGHTS, consolidate
+from .upload import put_file
 
 # fsdp's and transformers' optimizer files: not read by consolidation (ZeRO-3's global_step<N>/ is)
 _NOT_FETCHED = ("optim_dcp", "optimizer.pt", "scheduler.pt", "scaler.pt")
@@ -46,8 +47,7 @@ def consolidate_anywhere(checkpoint: str, output: str | None = None) -> str:
         fs, path = storage.resolve_storage(target)
         if output is None:  # back into the checkpoint: the weights file is all that is new
             fs.create_dir(path, recursive=True)
-            with open(os.path.join(built, WEIGHTS), "rb") as src, fs.open_output_stream(f"{path}/{WEIGHTS}") as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
+            put_file(fs, os.path.join(built, WEIGHTS), f"{path}/{WEIGHTS}")
         else:
             storage.upload_dir(built, fs, path)
         return f"{target.rstrip('/')}/{WEIGHTS}"

@@ -63,7 +63,8 @@ def with_retries(call, what: str, where: str, bound_s: float | None = None, firs
     return retrying(call)
 
 
-def _put(fs, local_path: str, dest: str) -> None:
+def put_file(fs, local_path: str, dest: str) -> None:
+    """One local file to `dest` in fs, streamed in 8 MiB chunks."""
     with open(local_path, "rb") as src, fs.open_output_stream(dest) as out:
         while chunk := src.read(8 << 20):
             out.write(chunk)
@@ -92,7 +93,7 @@ def upload_checkpoint(local_dir: str, fs, dest: str, rank: int, world_size: int,
     for folder in sorted({os.path.dirname(f"{dest}/{rel}") for rel in files + [TRAINER_STATE]}):
         retried(lambda folder=folder: fs.create_dir(folder, recursive=True), f"creation of {folder}")
     for rel in files:
-        retried(lambda rel=rel: _put(fs, os.path.join(local_dir, rel), f"{dest}/{rel}"), f"upload of {rel}")
+        retried(lambda rel=rel: put_file(fs, os.path.join(local_dir, rel), f"{dest}/{rel}"), f"upload of {rel}")
     if rank != 0:
         retried(lambda: fs.open_output_stream(_marker(dest, rank)).close(), "upload of the rank marker")
         return
@@ -102,7 +103,7 @@ def upload_checkpoint(local_dir: str, fs, dest: str, rank: int, world_size: int,
     retried(lambda: _require_files(fs, others), "waiting for the other ranks' files", first_wait_s=0.05,
             warn_after_s=MAX_WAIT_S)
     if last is not None:
-        retried(lambda: _put(fs, os.path.join(local_dir, last), f"{dest}/{last}"), f"upload of {last}")
+        retried(lambda: put_file(fs, os.path.join(local_dir, last), f"{dest}/{last}"), f"upload of {last}")
     for path in others:
         retried(lambda path=path: fs.delete_file(path), "removal of a rank marker")
 
